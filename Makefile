@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EFFRUN := $(VENV)/bin/effrun
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/effrun/torch_extensions
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+PYTEST_ARGS ?=
+
+.PHONY: install assets demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machine: the pinned CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+assets: install
+	$(EFFRUN) fetch
+
+demo: assets
+	$(EFFRUN) train +technique=lora model=smollm2-135m data=shakespeare data.seq_len=128 data.batch_size=4 run.max_steps=8 run.warmup_steps=2
+
+test: assets
+	$(PY) -m pytest -q -x $(PYTEST_ARGS) tests
+
+test-fast: assets
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+bench: assets
+	$(PY) scripts/bench_overhead.py
+
+clean:
+	rm -rf outputs multirun

@@ -1,0 +1,2 @@
+"""effrun: an experiment runner for ML-systems efficiency research."""
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Dataclasses behind every config group. Strict: unknown keys and wrong types fail composition.
+
+No torch import here: the CLI composes configs before it decides whether to import torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama-tiny"
+    description: str = ""
+    # transformers model_type ("llama", "mixtral", "qwen2_moe", "olmoe", "gpt2", ...)
+    family: str = "llama"
+    # random: built from hf_config with random weights; asset: real weights from a fetched asset;
+    # shape: a real model's shape, only for cost models (cannot be run here).
+    source: str = "random"
+    asset: Optional[str] = None
+    # "bytes" (vocab 256, no files needed) or "asset" (the asset's tokenizer)
+    tokenizer: str = "bytes"
+    hf_config: Dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    description: str = ""
+    # text: a plain-text corpus; jsonl: {"text": ...} or {"instruction","response"} rows;
+    # instruct: the instruction set effrun writes itself; synthetic: random tokens (no files)
+    kind: str = "text"
+    path: Optional[str] = None
+    seq_len: int = 128
+    batch_size: int = 4
+    eval_fraction: float = 0.05
+    eval_batches: int = 2
+    max_chars: Optional[int] = 2_000_000
+    seed: int = 0
+
+
+@dataclass
+class LinkLevel:
+    name: str = "link"
+    group_size: int = 1          # devices sharing this level (e.g. 2 GCDs, 8 GPUs, all nodes)
+    bandwidth_GBps: float = 1.0  # per direction, per device
+    latency_us: float = 1.0
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    description: str = ""
+    kind: str = "cpu"  # cpu | cuda | rocm | hpu | fpga | browser
+    # peak dense TFLOPS by dtype name; null where unknown (MFU then reported as null)
+    peak_tflops: Dict[str, Optional[float]] = field(default_factory=dict)
+    memory_gb: Optional[float] = None
+    memory_bw_GBps: Optional[float] = None
+    # host <-> device link (PCIe) for offload/hybrid techniques; null for host-only targets
+    host_link: Optional[LinkLevel] = None
+    # interconnect levels from the innermost (die/package) to the outermost (cluster)
+    links: List[LinkLevel] = field(default_factory=list)
+    host_cpu_cores: Optional[int] = None
+    host_cpu_gflops: Optional[float] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelismConfig:
+    name: str = "single"
+    description: str = ""
+    world_size: int = 1
+    # inprocess: one process; spawn: effrun starts world_size local processes;
+    # env: ranks come from the environment (torchrun, Slurm tasks)
+    launcher: str = "inprocess"
+    backend: str = "auto"  # auto -> nccl with CUDA, gloo otherwise
+    nodes: int = 1
+    devices_per_node: int = 1
+    subdevices_per_device: int = 1
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "default"
+    console: bool = True
+    jsonl: bool = True
+    wandb: bool = False
+    # auto: online if WANDB_API_KEY is set, offline otherwise
+    wandb_mode: str = "auto"
+    wandb_project: str = "effrun"
+    log_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16
+    threads: Optional[int] = None
+    max_steps: int = 10
+    warmup_steps: int = 2  # excluded from throughput
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    compile: bool = False
+    grad_checkpointing: bool = False
+    chunked_ce: int = 0  # >0: cross-entropy over chunks of this many tokens (logits never fully saved)
+    eval_every: int = 0
+    eval_at_end: bool = True
+    checkpoint_every: int = 0
+    resume: bool = False
+    export: bool = False
+    measure_saved_bytes: bool = True
+    find_max_seq_len: bool = False
+    memory_budget_gb: Optional[float] = None
+    max_seq_len_search: int = 8192
+    skip_completed: bool = False
+    # infer
+    max_new_tokens: int = 16
+    prompt: str = "To be, or not to be"
+    # test hook: exit hard after this many optimizer steps (simulates a kill)
+    crash_after_steps: Optional[int] = None
+
+
+@dataclass
+class Config:
+    mode: str = "train"  # train | infer | plan
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # technique configs are typed by each plugin's own dataclass; `technique2` lets a second,
+    # compatible technique be composed with `+technique@technique2=NAME`.
+    technique: Any = None
+    technique2: Any = None
+    # free-form knobs a recipe passes to its report (titles, which metrics to plot)
+    recipe_info: Dict[str, Any] = field(default_factory=dict)
+
+
+TECHNIQUE_KEYS = ("technique", "technique2")

@@ -1,0 +1,44 @@
+"""`effrun ls [group]`: options of each config group with a one-line description."""
+from __future__ import annotations
+
+from typing import Optional
+
+import yaml
+
+from effrun.config.paths import config_dir, group_options
+from effrun.errors import UserError
+
+GROUPS = ("technique", "model", "data", "hardware", "parallelism", "logger", "recipe")
+
+
+def _describe(group: str, option: str) -> str:
+    f = config_dir() / group / f"{option}.yaml"
+    try:
+        text = f.read_text()
+        d = yaml.safe_load(text) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    desc = d.get("description") or (d.get("recipe_info") or {}).get("description", "")
+    if not desc:  # first comment line
+        for line in text.splitlines():
+            if line.startswith("#") and not line.startswith("# @"):
+                return line.lstrip("# ").strip()
+    return str(desc)
+
+
+def list_options(group: Optional[str]) -> int:
+    if group is not None and group not in GROUPS:
+        raise UserError(f"unknown group {group!r}", key="ls", choices=GROUPS)
+    from effrun import registry
+
+    for g in ([group] if group else GROUPS):
+        print(f"{g}:")
+        if g == "technique":
+            specs = registry.techniques()
+            for name, spec in specs.items():
+                modes = "/".join(spec.modes)
+                print(f"  {name:<18} [{modes}] {spec.description}")
+            continue
+        for opt in group_options(g):
+            print(f"  {opt:<18} {_describe(g, opt)}")
+    return 0

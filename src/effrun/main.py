@@ -1,0 +1,45 @@
+"""The @hydra.main task: one run of an experiment (called once per sweep point by launchers)."""
+from __future__ import annotations
+
+import sys
+from typing import List
+
+import hydra
+from omegaconf import DictConfig
+
+from effrun.config.paths import config_dir
+from effrun.config.store import register
+
+register()
+FAILED: List[str] = []
+
+
+def run_task(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    from effrun.errors import UserError
+    from effrun.experiment import Experiment
+
+    hc = HydraConfig.get()
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    run_dir = hc.runtime.output_dir
+    try:
+        return Experiment(cfg, run_dir).run()
+    except UserError as e:
+        if not multirun:
+            print(e.line(), file=sys.stderr)
+            sys.exit(2)
+        FAILED.append(run_dir)
+        print(f"{run_dir}: {e.line()}", file=sys.stderr)
+    except Exception:
+        if not multirun:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        FAILED.append(run_dir)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def hydra_main(cfg: DictConfig):
+    return run_task(cfg)

@@ -1,0 +1,40 @@
+"""Technique registry: entry points in the group `effrun.techniques`, each a TechniqueSpec."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Dict
+
+from effrun.errors import UserError
+from effrun.technique import TechniqueSpec
+
+GROUP = "effrun.techniques"
+
+
+@lru_cache(maxsize=1)
+def techniques() -> Dict[str, TechniqueSpec]:
+    found: Dict[str, TechniqueSpec] = {}
+    for ep in entry_points(group=GROUP):
+        spec = ep.load()
+        if not isinstance(spec, TechniqueSpec):
+            raise TypeError(f"entry point {ep.name} in {GROUP} is not a TechniqueSpec")
+        if spec.name != ep.name:
+            raise TypeError(f"entry point {ep.name} publishes a spec named {spec.name}")
+        found[spec.name] = spec
+    return dict(sorted(found.items()))
+
+
+def get(name: str) -> TechniqueSpec:
+    specs = techniques()
+    if name not in specs:
+        raise UserError(f"unknown technique {name!r}", key="technique", choices=specs)
+    return specs[name]
+
+
+def register_schemas() -> None:
+    """Store each technique's dataclass as `technique/<name>_schema` so its YAML is typed."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for spec in techniques().values():
+        cs.store(group="technique", name=f"{spec.name}_schema", node=spec.config)

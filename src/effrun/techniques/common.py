@@ -1,0 +1,38 @@
+"""Helpers several techniques share: resolving target linear modules by name suffix."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+from effrun.errors import UserError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def find_linears(model, targets: Sequence[str], key: str = "technique.target_modules") -> Dict[str, "object"]:
+    """{qualified name: nn.Linear} for modules whose last name component is in targets.
+
+    Unknown targets (matching nothing) or targets that are not nn.Linear raise a UserError that
+    lists the linear layer names the model has.
+    """
+    import torch.nn as nn
+
+    found, seen = {}, set()
+    linear_names = set()
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(mod, nn.Linear) and "lm_head" not in name:
+            linear_names.add(leaf)
+        if leaf in targets:
+            seen.add(leaf)
+            if not isinstance(mod, nn.Linear):
+                raise UserError(f"target {leaf!r} is a {type(mod).__name__}, not nn.Linear", key=key,
+                                choices=sorted(linear_names))
+            found[name] = mod
+    missing = [t for t in targets if t not in seen]
+    if missing:
+        raise UserError(f"target module(s) {missing} not found in the model", key=key, choices=sorted(linear_names))
+    return found
+
+
+def as_list(x) -> List[str]:
+    return [str(v) for v in x]
