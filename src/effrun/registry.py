@@ -1,6 +1,8 @@
 """Technique registry: entry points in the group `effrun.techniques`, each a TechniqueSpec."""
 from __future__ import annotations
 
+import os
+import sys
 from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Dict
@@ -15,7 +17,13 @@ GROUP = "effrun.techniques"
 def techniques() -> Dict[str, TechniqueSpec]:
     found: Dict[str, TechniqueSpec] = {}
     for ep in entry_points(group=GROUP):
-        spec = ep.load()
+        try:
+            spec = ep.load()
+        except ImportError as exc:  # a broken third-party plugin must not take the CLI down
+            if os.environ.get("EFFRUN_STRICT_PLUGINS"):
+                raise
+            print(f"warning: technique plugin {ep.name!r} failed to load: {exc}", file=sys.stderr)
+            continue
         if not isinstance(spec, TechniqueSpec):
             raise TypeError(f"entry point {ep.name} in {GROUP} is not a TechniqueSpec")
         if spec.name != ep.name:
