@@ -32,8 +32,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    c = OmegaConf.to_container(cfg, resolve=True)
-    c.pop("hydra", None)
+    c = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]), resolve=True)
     run = c.get("run", {})
     for k in ("resume", "skip_completed", "crash_after_steps"):
         run.pop(k, None)
@@ -68,7 +67,7 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 def find_resumable(cfg: DictConfig) -> Optional[Path]:
     """Newest run dir under the output root whose config hash matches and that has a checkpoint."""
-    run_dir = Path(OmegaConf.select(cfg, "hydra.run.dir"))
+    run_dir = Path(str(cfg.hydra.run.dir))
     # hydra.run.dir is <root>/<mode>/<date>/<time>: search the whole <root>/<mode> tree
     root = run_dir.parents[1] if len(run_dir.parts) > 2 else run_dir.parent
     want = config_hash(cfg)

@@ -22,25 +22,39 @@ def _key_of(override: str) -> str:
     return key.split("@", 1)[0]
 
 
+def _chain(exc: BaseException) -> List[BaseException]:
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
 def _translate(exc: Exception, overrides: List[str]) -> UserError:
     """Turn Hydra/OmegaConf composition errors into one line naming the key and choices."""
-    msg = str(exc)
-    m = re.search(r"Could not find '([\w\-/]+)/([\w\-.]+)'", msg)
-    if m:
-        group, option = m.group(1), m.group(2)
-        return UserError(f"unknown option {option!r}", key=group, choices=group_options(group))
+    chain = _chain(exc)
+    msgs = [str(e) for e in chain]
+    for msg in msgs:
+        m = re.search(r"Could not find '([\w\-/]+)/([\w\-.]+)'", msg)
+        if m:
+            group, option = m.group(1), m.group(2)
+            return UserError(f"unknown option {option!r}", key=group, choices=group_options(group))
+    for e, msg in zip(chain, msgs):
+        full_key = re.search(r"full_key: ([\w\-.\[\]]+)", msg)
+        if full_key:
+            key = full_key.group(1)
+            first = msg.strip().splitlines()[0]
+            if re.search(r"Key '.*' not in", first):
+                return UserError("unknown key", key=key, choices=_valid_keys(key, overrides))
+            return UserError(first, key=key)
+    msg = msgs[0]
     m = re.search(r"Could not override '([\w\-/.]+)'", msg)
     if m:
         g = m.group(1)
-        return UserError(f"'{g}' is not in the defaults list; use +{g}=NAME", key=g,
-                         choices=group_options(g) or None)
-    full_key = re.search(r"full_key: ([\w\-.\[\]]+)", msg)
+        opts = group_options(g)
+        if opts:
+            return UserError(f"'{g}' is not in the defaults list; use +{g}=NAME", key=g, choices=opts)
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
-    if full_key:
-        key = full_key.group(1)
-        if "not in" in first or "ConfigKeyError" in type(exc).__name__:
-            return UserError("unknown key", key=key, choices=_valid_keys(key, overrides))
-        return UserError(first, key=key)
     return UserError(first)
 
 
@@ -69,11 +83,36 @@ def _compose_raw(overrides: List[str], hydra_cfg: bool = False) -> DictConfig:
 
 def compose_checked(overrides: List[str], hydra_cfg: bool = False) -> DictConfig:
     try:
-        return _compose_raw(overrides, hydra_cfg=hydra_cfg)
+        cfg = _compose_raw(overrides, hydra_cfg=hydra_cfg)
     except UserError:
         raise
     except Exception as exc:  # hydra raises several unrelated types; all are bad input here
         raise _translate(exc, overrides) from exc
+    check_strict(cfg)
+    return cfg
+
+
+def check_strict(node: DictConfig, path: str = "") -> None:
+    """`+key=value` bypasses struct mode; reject keys a typed (dataclass) node does not declare."""
+    import dataclasses
+
+    t = OmegaConf.get_type(node)
+    if t is not None and dataclasses.is_dataclass(t):
+        fields = {f.name: f for f in dataclasses.fields(t)}
+        for k in node.keys():
+            if k not in fields and not (k == "hydra" and not path):
+                raise UserError("unknown key", key=f"{path}{k}", choices=sorted(fields))
+    for k in node.keys():
+        if k == "hydra":
+            continue
+        try:
+            child = node._get_node(k)
+        except Exception:
+            continue
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            ct = OmegaConf.get_type(child)
+            if ct is not None and dataclasses.is_dataclass(ct):
+                check_strict(child, f"{path}{k}.")
 
 
 def sweep_points(overrides: List[str]) -> List[List[str]]:
@@ -81,15 +120,21 @@ def sweep_points(overrides: List[str]) -> List[List[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    base = compose_checked(overrides, hydra_cfg=True)
+    parser = OverridesParser.create()
+    try:
+        cli = parser.parse_overrides(overrides)
+    except Exception as exc:
+        raise UserError(str(exc).splitlines()[0], key="overrides") from exc
+    fixed = [o.input_line for o in cli if not o.is_sweep_override()]
+    base = compose_checked(fixed, hydra_cfg=True)
     params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     extra = [f"{k}={v}" for k, v in params.items()]
     cli_keys = {_key_of(o) for o in overrides}
     extra = [e for e in extra if _key_of(e) not in cli_keys]  # CLI wins over the recipe
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides + extra)
+        parsed = parser.parse_overrides(overrides + extra)
     except Exception as exc:
-        raise UserError(str(exc).splitlines()[0]) from exc
+        raise UserError(str(exc).splitlines()[0], key="hydra.sweeper.params") from exc
     batches = BasicSweeper.split_arguments(parsed, None)
     return [list(p) for batch in batches for p in batch]
 

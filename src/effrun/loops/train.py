@@ -93,6 +93,10 @@ def train(exp) -> None:
                 loss = causal_lm_loss(fwd_model, x, y, run.chunked_ce)
             (loss / ga).backward()
             loss_sum += float(loss.detach())
+        if exp.world_size > 1:  # log the global mean loss, not rank 0's share
+            t = torch.tensor([loss_sum], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            loss_sum = float(t) / exp.world_size
         if run.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
         opt.step()
