@@ -70,14 +70,15 @@ class Run:
 USAGE = "usage: effrun report DIR... [--out DIR] [--baseline LABEL] [--no-plots]"
 
 
-def parse_args(args: Sequence[str]) -> Tuple[List[Path], Optional[Path], Optional[str], bool]:
+def parse_args(args: Sequence[str]) -> Optional[Tuple[List[Path], Optional[Path], Optional[str], bool]]:
+    """-> (dirs, out, baseline, plots), or None for --help."""
     dirs: List[Path] = []
     out = baseline = None
     plots = True
     it = iter(args)
     for a in it:
         if a in ("-h", "--help"):
-            raise SystemExit(print(USAGE + "\n\n" + (__doc__ or "").split("\n\n", 1)[1]) or 0)
+            return None
         name, eq, val = a.partition("=")
         if name in ("--out", "-o", "--baseline"):
             if not eq:
@@ -262,9 +263,10 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def md_table(header: List[str], rows: List[List[str]]) -> str:
+def md_table(header: List[str], rows: List[List[str]], right: Optional[List[bool]] = None) -> str:
+    right = right or [i > 0 for i in range(len(header))]
     out = ["| " + " | ".join(_cell(h) for h in header) + " |",
-           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+           "|" + "|".join("---:" if r else "---" for r in right) + "|"]
     out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
 
@@ -308,7 +310,9 @@ def _render(table: Dict[str, Any], n_ratio: int = 0) -> str:
         cells = [str(row[0])] + [fmt(v) for v in row[1:len(row) - n_ratio]]
         cells += [fmt_ratio(v) for v in row[len(row) - n_ratio:]] if n_ratio else []
         rows.append(cells)
-    return md_table(table["columns"], rows)
+    right = [i > 0 and all(v is None or _num(v) is not None for v in (row[i] for row in table["rows"]))
+             for i in range(len(table["columns"]))]
+    return md_table(table["columns"], rows, right)
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -381,7 +385,11 @@ def make_plots(runs: List[Run], plot_dir: Path) -> List[Path]:
     ax_e.set(title="eval loss", xlabel="step", ylabel="loss")
     if not any_eval:
         ax_e.text(0.5, 0.5, "no eval loss recorded", ha="center", va="center", transform=ax_e.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_t, ax_e):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
@@ -466,7 +474,11 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, baseline: Opt
 
 
 def report_command(args: List[str]) -> int:
-    dirs, out, baseline, plots = parse_args(args)
+    parsed = parse_args(args)
+    if parsed is None:
+        print(USAGE + "\n\n" + (__doc__ or "").split("\n\n", 1)[1])
+        return 0
+    dirs, out, baseline, plots = parsed
     data = build_report(dirs, out, baseline, plots)
     print(data["report_md"])
     print()
