@@ -55,6 +55,7 @@ class Run:
     rows: List[Dict[str, Any]]
     overrides: List[str]
     title: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)
     label: str = ""
     techniques: List[str] = field(default_factory=list)
 
@@ -162,7 +163,7 @@ def load_run(d: Path) -> Run:
         title = cfg["recipe_info"].get("title")
     techs = summary.get("techniques") or ([summary["technique"]] if summary.get("technique") else [])
     return Run(path=d, summary=summary, rows=_read_rows(d / METRICS), overrides=overrides,
-               title=title, techniques=[str(t) for t in techs])
+               title=title, config=cfg if isinstance(cfg, dict) else {}, techniques=[str(t) for t in techs])
 
 
 # --- labels ------------------------------------------------------------------------------------
@@ -171,12 +172,33 @@ def _split_override(o: str) -> Tuple[str, str]:
     return key.lstrip("+~"), val
 
 
+def _config_value(cfg: Dict[str, Any], key: str) -> Optional[str]:
+    """The value a run used for an override key it did not set: from its resolved config
+    (a config group gives its `name`), so `model=llama-tiny` matches a run that had it by default."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, dict):
+        node = node.get("name")
+    if node is None or isinstance(node, (dict, list)):
+        return None
+    return str(node).lower() if isinstance(node, bool) else str(node)
+
+
 def assign_labels(runs: List[Run]) -> None:
     """Label each run by the overrides that differ between runs, else technique, else run dir."""
     maps = [dict(_split_override(o) for o in r.overrides) for r in runs]
     keys: List[str] = []
     for m in maps:
         keys.extend(k for k in m if k not in keys)
+    for r, m in zip(runs, maps):  # fill keys a run did not override with the value it ran with
+        for k in keys:
+            if k not in m:
+                v = _config_value(r.config, k)
+                if v is not None:
+                    m[k] = v
     varying = [k for k in keys if len({m.get(k) for m in maps}) > 1] if len(runs) > 1 else []
     for r, m in zip(runs, maps):
         if varying:
@@ -310,7 +332,8 @@ def _render(table: Dict[str, Any], n_ratio: int = 0) -> str:
         cells = [str(row[0])] + [fmt(v) for v in row[1:len(row) - n_ratio]]
         cells += [fmt_ratio(v) for v in row[len(row) - n_ratio:]] if n_ratio else []
         rows.append(cells)
-    right = [i > 0 and all(v is None or _num(v) is not None for v in (row[i] for row in table["rows"]))
+    right = [i > 0 and any(_num(row[i]) is not None for row in table["rows"])
+             and all(row[i] is None or _num(row[i]) is not None for row in table["rows"])
              for i in range(len(table["columns"]))]
     return md_table(table["columns"], rows, right)
 
