@@ -1,0 +1,86 @@
+"""ZeRO++ 3-level hierarchical partitioning (arXiv 2501.04266) with two engines.
+
+engine=effrun: our partitioner on torch.distributed (gloo or nccl): primary partitions global,
+hpZ secondary copy inside the GCD pair (hier3) or node (zeropp), hierarchical gradient
+reduction, INT8 weight all-gather (qwZ) and INT4 two-hop all-to-all gradients (qgZ), with byte
+counters per link level. engine=deepspeed: DeepSpeed ZeRO-3 with the ZeRO++ keys generated here.
+mode=plan: the alpha-beta cost model (effrun.costmodel) over the hardware target's link levels.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from effrun.errors import UserError
+from effrun.technique import TechniqueSpec
+
+ENGINES = ("effrun", "deepspeed")
+SCHEMES = ("zero3", "zeropp", "hier3")
+
+
+@dataclass
+class Zeropp3Config:
+    name: str = "zeropp3"
+    engine: str = "effrun"             # effrun | deepspeed
+    scheme: str = "hier3"              # zero3 | zeropp (hpZ in node) | hier3 (hpZ in GCD pair)
+    quantized_weights: bool = True     # qwZ: block INT8 weight all-gather
+    quantized_gradients: bool = True   # qgZ: block INT4 two-hop all-to-all gradient reduction
+    weight_block: int = 64
+    grad_block: int = 64
+    # --- cost model (mode=plan) ---
+    plan_devices: List[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 384])
+    plan_micro_batch: int = 2          # sequences per device per iteration
+    plan_seq_len: int = 2048
+    plan_dtype: str = "bfloat16"
+    compute_efficiency: float = 0.45   # fraction of peak the math kernels reach (assumption)
+    calibrate_from: Optional[str] = None  # a summary.json with measured/mfu from a real GPU run
+    overlap: float = 0.0               # fraction of communication hidden behind compute
+
+
+def _hierarchy_ok(p) -> bool:
+    return p.nodes * p.devices_per_node * p.subdevices_per_device == p.world_size
+
+
+def check(cfg, node) -> None:
+    if node.engine not in ENGINES:
+        raise UserError(f"unknown engine {node.engine!r}", key="technique.engine", choices=ENGINES)
+    if node.scheme not in SCHEMES:
+        raise UserError(f"unknown scheme {node.scheme!r}", key="technique.scheme", choices=SCHEMES)
+    for key in ("weight_block", "grad_block"):
+        v = getattr(node, key)
+        if v < 2 or v % 2:
+            raise UserError("must be an even number >= 2", key=f"technique.{key}")
+    if not 0.0 < node.compute_efficiency <= 1.0:
+        raise UserError("must be in (0, 1]", key="technique.compute_efficiency")
+    if not 0.0 <= node.overlap <= 1.0:
+        raise UserError("must be in [0, 1]", key="technique.overlap")
+    if cfg.mode == "plan":
+        if not node.plan_devices or any(int(d) < 1 for d in node.plan_devices):
+            raise UserError("must be a non-empty list of device counts >= 1", key="technique.plan_devices")
+        return
+    p = cfg.parallelism
+    if not _hierarchy_ok(p):
+        raise UserError(f"world_size={p.world_size} does not factor into nodes x devices_per_node x "
+                        f"subdevices_per_device = {p.nodes} x {p.devices_per_node} x {p.subdevices_per_device}",
+                        key="parallelism.world_size",
+                        choices=[p.nodes * p.devices_per_node * p.subdevices_per_device])
+    zpp = node.scheme != "zero3" or node.quantized_weights or node.quantized_gradients
+    if p.world_size > 1 and p.zero_stage != 3 and zpp:
+        raise UserError(f"ZeRO++ (scheme={node.scheme}, qwZ={node.quantized_weights}, "
+                        f"qgZ={node.quantized_gradients}) needs ZeRO stage 3, got zero_stage={p.zero_stage}",
+                        key="parallelism.zero_stage", choices=[3])
+    if node.engine == "deepspeed":
+        on_gpu = cfg.hardware.kind in ("cuda", "rocm") and cfg.run.device != "cpu"
+        if not on_gpu and (node.quantized_weights or node.quantized_gradients):
+            raise UserError("DeepSpeed's quantized collectives (qwZ/qgZ) are not implemented on the CPU "
+                            "backend; set technique.quantized_weights=false technique.quantized_gradients=false "
+                            "or use technique.engine=effrun", key="technique.quantized_weights",
+                            choices=["false"])
+        if cfg.run.dtype == "float16" and not on_gpu:
+            raise UserError("DeepSpeed rejects fp16 on CPU", key="run.dtype", choices=["float32", "bfloat16"])
+
+
+spec = TechniqueSpec(
+    name="zeropp3", config=Zeropp3Config, plugin="effrun.techniques.zeropp3.plugin:Zeropp3",
+    modes=("train", "plan"), owns_loop=("train", "plan"), hardware="project", check=check,
+    conflicts=("lora", "dora", "paca", "bytescale"),
+    smoke_overrides={"train": ("technique.quantized_gradients=true",), "plan": ("model=gpt-20b", "hardware=mi250x-gcd")},
+    description="ZeRO-3 / ZeRO++ / 3-level hierarchical partitioning (effrun or DeepSpeed engine) + cost model")

@@ -1,0 +1,87 @@
+"""Rank functions for the multi-process tests (run under effrun.launch.spawn, results via JSON)."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from effrun.techniques.zeropp3.comm import LevelComm
+from effrun.techniques.zeropp3.engine import PartitionedEngine
+from effrun.techniques.zeropp3.formulas import expected_bytes
+from effrun.techniques.zeropp3.hierarchy import Hierarchy
+
+SEQ, BATCH, VOCAB = 16, 2, 64
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).float()
+
+
+def batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, VOCAB // 4, (BATCH, SEQ + 1), generator=g)  # low-entropy: learnable
+    return ids[:, :-1], ids[:, 1:]
+
+
+def loss_fn(model, x, y):
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def reference(world: int, steps: int, lr: float, max_norm: float):
+    """Single process, global batch = every rank's micro-batch; AdamW on the full model."""
+    model = tiny_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses, grads = [], []
+    for step in range(steps):
+        loss = sum(loss_fn(model, *batch(step, r)) for r in range(world)) / world
+        loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]).clone())
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses, grads, torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int, lr: float):
+    h = Hierarchy(*hier_dims)
+    comm = LevelComm(h, rank)
+    ref = reference(world, steps, lr, 1.0) if rank == 0 else None
+    results = []
+    for case in cases:
+        eng = PartitionedEngine(tiny_llama(), h, rank, scheme=case["scheme"],
+                                quantized_weights=case["qw"], quantized_gradients=case["qg"],
+                                weight_block=32, grad_block=32, lr=lr, max_grad_norm=1.0, comm=comm)
+        losses, grad_err, counts = [], None, None
+        for step in range(steps):
+            comm.reset()
+            losses.append(eng.train_step([batch(step, rank)], loss_fn))
+            sent = torch.tensor([comm.sent[lv] for lv in ("subdevice", "device", "node")], dtype=torch.float64)
+            torch.distributed.all_reduce(sent)
+            counts = sent.tolist() if counts is None else counts
+            if step == 0:
+                parts = [torch.empty(eng.chunk) for _ in range(world)]
+                torch.distributed.all_gather(parts, eng.last_grad)
+                g0 = torch.cat(parts)[:eng.numel]
+        final = eng.full_parameters()
+        mem = eng.state_bytes()
+        if rank == 0:
+            rl, rg, rp = ref
+            grad_err = float((g0 - rg[0]).abs().max() / rg[0].abs().max())
+            results.append(dict(case=case, losses=losses, ref_losses=rl, grad_rel_err=grad_err,
+                                param_max_err=float((final - rp).abs().max()),
+                                sent_cluster=counts,
+                                expected=expected_bytes(case["scheme"], h, eng.N, 4, case["qw"], case["qg"], 32, 32),
+                                state=mem, N=eng.N, numel=eng.numel))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
