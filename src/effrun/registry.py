@@ -19,7 +19,7 @@ def techniques() -> Dict[str, TechniqueSpec]:
     for ep in entry_points(group=GROUP):
         try:
             spec = ep.load()
-        except ImportError as exc:  # a broken third-party plugin must not take the CLI down
+        except Exception as exc:  # a broken third-party plugin must not take the CLI down
             if os.environ.get("EFFRUN_STRICT_PLUGINS"):
                 raise
             print(f"warning: technique plugin {ep.name!r} failed to load: {exc}", file=sys.stderr)

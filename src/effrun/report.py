@@ -148,6 +148,26 @@ def _read_yaml(f: Path) -> Any:
         return None
 
 
+def flatten_metrics(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """`measured/x: {"node": 1, "rack": 2}` -> `measured/x.node`, `measured/x.rack` (tables and charts
+    want scalars; techniques report per-level or per-device numbers as dicts)."""
+    out: Dict[str, Any] = {}
+
+    def walk(key: str, v: Any) -> None:
+        if isinstance(v, dict) and v:
+            for k, sub in v.items():
+                walk(f"{key}.{k}", sub)
+        else:
+            out[key] = v
+
+    for k, v in summary.items():
+        if k.startswith(("measured/", "projected/")):
+            walk(k, v)
+        else:
+            out[k] = v
+    return out
+
+
 def load_run(d: Path) -> Run:
     try:
         summary = json.loads((d / SUMMARY).read_text())
@@ -161,6 +181,7 @@ def load_run(d: Path) -> Run:
     title = None
     if isinstance(cfg, dict) and isinstance(cfg.get("recipe_info"), dict):
         title = cfg["recipe_info"].get("title")
+    summary = flatten_metrics(summary)
     techs = summary.get("techniques") or ([summary["technique"]] if summary.get("technique") else [])
     return Run(path=d, summary=summary, rows=_read_rows(d / METRICS), overrides=overrides,
                title=title, config=cfg if isinstance(cfg, dict) else {}, techniques=[str(t) for t in techs])

@@ -133,6 +133,14 @@ class RunConfig:
 
 
 @dataclass
+class TraceConfig:
+    # record MoE routing traces (top-k expert ids + weights per token per MoE layer) during infer
+    record: bool = False
+    # where to write the trace (.npz, see effrun.moe.trace); null -> <run_dir>/routing_trace.npz
+    path: Optional[str] = None
+
+
+@dataclass
 class Config:
     mode: str = "train"  # train | infer | plan
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,6 +149,7 @@ class Config:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     # technique configs are typed by each plugin's own dataclass; `technique2` lets a second,
     # compatible technique be composed with `+technique@technique2=NAME`.
     technique: Any = None

@@ -43,8 +43,24 @@ def infer(exp) -> None:
     ids = torch.tensor([exp.tokenizer.encode(run.prompt)], device=exp.device)
     rec = exp.start_recorder(run.max_new_tokens, title=f"infer {exp.cfg.model.name}")
     reset_peak_rss()
-    new, times = greedy_generate(model, ids, run.max_new_tokens,
-                                 on_token=lambda i: None)
+    tcfg = exp.cfg.get("trace") or {}
+    if tcfg.get("record"):  # MoE routing traces (effrun.moe.trace); outputs are unchanged
+        from pathlib import Path
+
+        from effrun.moe.trace import TraceRecorder
+
+        with TraceRecorder(model, meta={"model": exp.cfg.model.name, "prompt": run.prompt}) as tr:
+            new, times = greedy_generate(model, ids, run.max_new_tokens, on_token=lambda i: None)
+        path = Path(tcfg.get("path") or exp.run_dir / "routing_trace.npz").expanduser()
+        trace = tr.trace()
+        if exp.is_main:
+            trace.save(path)
+        exp.summary["trace_path"] = str(path)
+        rec.set("measured/trace_tokens", trace.num_tokens)
+        rec.set("measured/trace_moe_layers", trace.num_layers)
+    else:
+        new, times = greedy_generate(model, ids, run.max_new_tokens,
+                                     on_token=lambda i: None)
     for i, dt in enumerate(times):
         rec.log_step(i, token_time_s=dt, tokens=1)
     ttft = times[0]

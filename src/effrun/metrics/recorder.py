@@ -81,8 +81,13 @@ class Recorder:
         return self.summary
 
     def close(self) -> None:
+        import sys
+
         for s in self.sinks:
-            s.close()
+            try:
+                s.close()
+            except Exception as exc:  # a sink failing at exit must not turn a finished run into a failure
+                print(f"warning: closing {type(s).__name__} failed: {exc}", file=sys.stderr)
 
 
 def _clean(v: Any) -> Any:

@@ -33,4 +33,4 @@ class WandbSink:
                 self.run.summary[k] = v
 
     def close(self):
-        self.run.finish(quiet=True)
+        self.run.finish()

@@ -1,0 +1,133 @@
+"""HybriMoE: hybrid CPU-GPU MoE inference (HSS scheduling, impact-driven prefetch, MRS cache).
+
+`effrun infer +technique=hybrimoe model=mixtral-tiny hardware=rtx-a6000`: generation with every
+expert computed for real (CPU here), the GPU + PCIe side as a timing model of the target, and the
+baselines replayed over the same routing in the same run. `effrun plan +technique=hybrimoe
+model=mixtral-8x7b`: the same simulator over synthetic skewed routing for real model shapes.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from effrun.errors import UserError
+from effrun.technique import TechniqueSpec
+
+POLICIES = ("mrs", "lru", "lfu")
+COMPARE = ("ktransformers", "llamacpp", "ondemand_lru", "all_cpu",
+           "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
+EXECUTION = ("auto", "model", "real")
+CPU_COSTS = ("auto", "measured", "hardware")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+@dataclass
+class HybrimoeConfig:
+    name: str = "hybrimoe"
+    cache_ratio: float = 0.25           # GPU expert cache, fraction of each MoE layer's experts
+    cache_policy: str = "mrs"           # mrs | lru | lfu
+    mrs_alpha: float = 0.5
+    mrs_top_p: int = 0                  # 0 -> 2 * top_k
+    prefetch: bool = True
+    compare: List[str] = field(default_factory=lambda: ["ktransformers", "llamacpp", "ondemand_lru", "all_cpu",
+                                                        "hybrimoe_noprefetch", "hybrimoe_lru"])
+    # auto: real CPU+GPU execution when CUDA is present and the target is cuda, else model;
+    # model: experts computed on this CPU, GPU/PCIe timed by the target's model; real: needs a GPU
+    execution: str = "auto"
+    # CPU expert costs: measured (fit on this machine's warm-up run), hardware (target host spec),
+    # auto (measured in infer, hardware in plan)
+    cpu_costs: str = "auto"
+    weight_bits: int = 0                # bytes moved/read per weight: 0 -> the run dtype; 4 -> int4
+    cpu_cores: Optional[int] = None     # overrides hardware.host_cpu_cores
+    cpu_mem_bw_GBps: float = 80.0       # host memory bandwidth assumed for the target's CPU
+    cpu_efficiency: float = 0.5
+    cpu_launch_us: float = 20.0
+    cpu_layer_us: float = 30.0
+    gpu_efficiency: float = 0.6
+    gpu_launch_us: float = 10.0
+    link_efficiency: float = 0.8
+    calibrate_tokens: int = 2           # warm-up decode steps whose expert times fit the CPU cost
+    # plan mode (shape-only models): synthetic routing
+    prompt_len: int = 128
+    decode_tokens: int = 32
+    routing_skew: float = 1.0
+    routing_locality: float = 0.3
+    predict_acc: float = 0.8
+    routing_trace: Optional[str] = None  # a trace JSON (routing_trace.json of an infer run) instead
+    seed: int = 0
+    plot: bool = True
+
+
+def _is_moe(model_node) -> bool:
+    hf = model_node.get("hf_config") or {}
+    if any(hf.get(k) for k in MOE_KEYS):
+        return True
+    return model_node.get("family") in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                        "deepseek_v3", "gpt_oss") and model_node.get("source") == "asset"
+
+
+def check(cfg, node) -> None:
+    if not (0.0 < float(node.cache_ratio) <= 1.0):
+        raise UserError(f"cache ratio {node.cache_ratio} is outside (0, 1]", key="technique.cache_ratio")
+    if node.cache_policy not in POLICIES:
+        raise UserError(f"unknown cache policy {node.cache_policy!r}", key="technique.cache_policy",
+                        choices=POLICIES)
+    for c in node.compare:
+        if c not in COMPARE:
+            raise UserError(f"unknown baseline {c!r}", key="technique.compare", choices=COMPARE)
+    if node.execution not in EXECUTION:
+        raise UserError(f"unknown execution {node.execution!r}", key="technique.execution", choices=EXECUTION)
+    if node.cpu_costs not in CPU_COSTS:
+        raise UserError(f"unknown cpu_costs {node.cpu_costs!r}", key="technique.cpu_costs", choices=CPU_COSTS)
+    if not 0.0 <= float(node.mrs_alpha) <= 1.0:
+        raise UserError("must be in [0, 1]", key="technique.mrs_alpha")
+    if node.weight_bits not in (0, 2, 3, 4, 8, 16, 32):
+        raise UserError(f"unsupported weight_bits {node.weight_bits}", key="technique.weight_bits",
+                        choices=[0, 2, 3, 4, 8, 16, 32])
+    for k in ("cpu_efficiency", "gpu_efficiency", "link_efficiency"):
+        if not 0.0 < float(node[k]) <= 1.0:
+            raise UserError("must be in (0, 1]", key=f"technique.{k}")
+    if not _is_moe(cfg.model):
+        from effrun.config.paths import group_options
+
+        raise UserError(f"model {cfg.model.name!r} has no routed experts (not a MoE model)", key="model",
+                        choices=[m for m in group_options("model") if _moe_option(m)])
+    if cfg.hardware.get("host_link") is None:
+        raise UserError(f"hardware {cfg.hardware.name!r} has no CPU-GPU link (host_link) to model",
+                        key="hardware", choices=_linked_hardware())
+    if node.execution == "real":
+        from effrun.config.validate_deep import cuda_present
+
+        if not cuda_present():
+            raise UserError("real GPU execution asked for but no GPU is present", key="technique.execution",
+                            choices=["auto", "model"])
+    if cfg.mode == "plan" and cfg.model.source != "shape" and node.routing_trace is None:
+        pass  # plan on a runnable model: synthetic routing over its shape
+
+
+def _load_group(group: str, name: str):
+    from omegaconf import OmegaConf
+
+    from effrun.config.paths import config_dir
+
+    try:
+        return OmegaConf.load(config_dir() / group / f"{name}.yaml")
+    except Exception:
+        return None
+
+
+def _moe_option(name: str) -> bool:
+    n = _load_group("model", name)
+    return n is not None and _is_moe(n)
+
+
+def _linked_hardware() -> List[str]:
+    from effrun.config.paths import group_options
+
+    return [h for h in group_options("hardware") if (_load_group("hardware", h) or {}).get("host_link")]
+
+
+spec = TechniqueSpec(name="hybrimoe", config=HybrimoeConfig, plugin="effrun.techniques.hybrimoe.plugin:Hybrimoe",
+                     modes=("infer", "plan"), owns_loop=("infer", "plan"), hardware="project", check=check,
+                     smoke_overrides={"infer": ("model=mixtral-tiny", "hardware=rtx-a6000", "run.max_new_tokens=3"),
+                                      "plan": ("model=mixtral-8x7b", "hardware=rtx-a6000",
+                                               "technique.decode_tokens=4", "technique.prompt_len=16")},
+                     description="HybriMoE hybrid CPU-GPU MoE inference (HSS, impact prefetch, MRS cache)")

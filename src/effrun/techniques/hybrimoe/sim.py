@@ -1,0 +1,269 @@
+"""Timeline simulator: one policy (HybriMoE or a baseline) replayed over a routing trace.
+
+A trace is a list of forwards (prefill, then one per decoded token); each forward holds, per MoE
+layer, the token count per expert, the router score vector (mean over tokens) and, for prefetch,
+the next MoE layer's experts predicted by applying that layer's gate to this layer's input.
+Time is absolute across forwards so PCIe transfers (prefetches) can run past a layer's end.
+The same `hss`, cache and prefetch code serves the live run and every replay.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from effrun.techniques.hybrimoe.cache import ExpertCache
+from effrun.techniques.hybrimoe.hss import Plan, evaluate, hss
+
+BASELINES = ("ktransformers", "llamacpp", "ondemand_lru", "all_cpu")
+VARIANTS = ("hybrimoe", "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
+POLICY_NAMES = VARIANTS + BASELINES
+
+
+@dataclass
+class LayerRoute:
+    counts: List[int]
+    scores: Optional[List[float]] = None
+    pred: Optional[List[int]] = None     # predicted token counts of the next MoE layer
+
+    def routed(self) -> List[int]:
+        return [e for e, n in enumerate(self.counts) if n > 0]
+
+
+@dataclass
+class Forward:
+    tokens: int
+    layers: Dict[int, LayerRoute]
+    logits: int = 1
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "logits": self.logits,
+                "layers": {str(l): {"counts": r.counts, "scores": r.scores, "pred": r.pred}
+                           for l, r in self.layers.items()}}
+
+    @staticmethod
+    def from_json(d: dict) -> "Forward":
+        return Forward(tokens=d["tokens"], logits=d.get("logits", 1),
+                       layers={int(l): LayerRoute(**r) for l, r in d["layers"].items()})
+
+
+@dataclass
+class Stats:
+    time_s: List[float] = field(default_factory=list)     # per forward
+    activations: int = 0
+    hits: int = 0
+    decode_activations: int = 0
+    decode_hits: int = 0
+    demand_transfers: int = 0
+    prefetch_transfers: int = 0
+    prefetch_used: int = 0
+    prefetch_budget_violations: int = 0
+    max_cache_size: int = 0
+    gpu_busy_s: float = 0.0
+    cpu_busy_s: float = 0.0
+    link_busy_s: float = 0.0
+    cpu_experts: int = 0
+    gpu_experts: int = 0
+    events: Dict[int, List[Tuple[int, str, str, float, float]]] = field(default_factory=dict)
+
+
+def static_sets(trace: Sequence[Forward], capacity: int, experts: int) -> Dict[int, List[int]]:
+    """kTransformers-style fixed mapping: per layer the `capacity` most often routed experts."""
+    freq: Dict[int, List[int]] = {}
+    for fw in trace:
+        for l, r in fw.layers.items():
+            f = freq.setdefault(l, [0] * experts)
+            for e, n in enumerate(r.counts):
+                f[e] += 1 if n > 0 else 0
+    return {l: sorted(sorted(range(experts), key=lambda e: (-f[e], e))[:capacity]) for l, f in freq.items()}
+
+
+def capacity_of(ratio: float, experts: int) -> int:
+    return max(1, min(experts, int(round(ratio * experts))))
+
+
+class Simulator:
+    def __init__(self, policy: str, shape, costs, *, cache_ratio: float, cache_policy: str = "mrs",
+                 mrs_alpha: float = 0.5, mrs_top_p: int = 0, prefetch: bool = True,
+                 static: Optional[Dict[int, List[int]]] = None, record_events: Iterable[int] = ()):
+        if policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {policy!r}")
+        self.policy, self.shape, self.costs = policy, shape, costs
+        self.moe_layers = list(shape.moe_layers)
+        self.E = shape.experts
+        self.capacity = capacity_of(cache_ratio, self.E)
+        cp = {"hybrimoe_lru": "lru", "hybrimoe_lfu": "lfu", "hybrimoe_mrs": "mrs",
+              "ondemand_lru": "lru"}.get(policy, cache_policy)
+        if policy == "ktransformers":
+            cp = "static"
+        self.prefetch = prefetch and policy in ("hybrimoe", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
+        self.cache = ExpertCache(self.moe_layers, self.E, self.capacity, cp, alpha=mrs_alpha,
+                                 p=mrs_top_p or 2 * shape.top_k)
+        if policy == "ktransformers":
+            if static is None:
+                raise ValueError("ktransformers needs the static expert sets")
+            for l in self.moe_layers:
+                self.cache.fill(l, static.get(l, []), 0.0)
+        elif policy != "llamacpp" and policy != "all_cpu":
+            for l in self.moe_layers:  # a deterministic warm start: the first `capacity` experts
+                self.cache.fill(l, range(self.capacity), 0.0)
+        n_gpu_layers = int(round(cache_ratio * len(self.moe_layers)))
+        self.gpu_layers = set(self.moe_layers[len(self.moe_layers) - n_gpu_layers:])  # n-cpu-moe: first N on CPU
+        self.clock = 0.0
+        self.link_free = 0.0
+        self.forward_index = 0
+        self.record_events = set(record_events)
+        self.stats = Stats()
+        self._prefetched: Dict[Tuple[int, int], bool] = {}
+        self.prefetch_log: List[Tuple[float, float, int]] = []  # (budget_s, used_s, n)
+
+    # --- one layer -----------------------------------------------------------------------------
+    def _plan(self, l: int, counts: Dict[int, int], t0: float) -> Plan:
+        c, ev = self.costs, bool(self.forward_index in self.record_events)
+        p = self.policy
+        routed = list(counts)
+        if p == "all_cpu":
+            return evaluate([], [], routed, counts, {}, c, t0, self.link_free, ev)
+        if p == "llamacpp":
+            if l in self.gpu_layers:
+                return evaluate(routed, [], [], counts, {e: 0.0 for e in routed}, c, t0, self.link_free, ev)
+            return evaluate([], [], routed, counts, {}, c, t0, self.link_free, ev)
+        ready = dict(self.cache.ready(l))
+        if p == "ktransformers":
+            g = [e for e in routed if e in ready]
+            return evaluate(g, [], [e for e in routed if e not in ready], counts, ready, c, t0, self.link_free, ev)
+        if p == "ondemand_lru":
+            g = [e for e in routed if e in ready]
+            u = sorted((e for e in routed if e not in ready), key=lambda e: (-counts[e], e))
+            return evaluate(g, u, [], counts, ready, c, t0, self.link_free, ev)
+        return hss(counts, ready, c, t0, self.link_free, events=ev)
+
+    def _do_prefetch(self, l: int, nl: int, pred: Sequence[int], t0: float, end: float, n: int) -> None:
+        c = self.costs
+        pcounts = {e: k for e, k in enumerate(pred) if k > 0}
+        if not pcounts:
+            return
+        start = max(self.link_free, t0)
+        deadline = end + c.dense(n)
+        budget = max(0.0, deadline - start)
+        n_max = int(math.floor(budget / c.xfer + 1e-9)) if c.xfer > 0 else len(pcounts)
+        chosen: List[int] = []
+        resident = {e: 0.0 for e in self.cache.ready(nl)}
+        base = hss(pcounts, resident, c).makespan_end
+        while len(chosen) < n_max:
+            best, gain = None, 0.0
+            for e in pcounts:
+                if e in resident:
+                    continue
+                r2 = dict(resident)
+                r2[e] = 0.0
+                g = base - hss(pcounts, r2, c).makespan_end
+                if g > gain + 1e-15:
+                    best, gain = e, g
+            if best is None:
+                break
+            ready_t = start + (len(chosen) + 1) * c.xfer
+            protect = set(pcounts) | {e for e, r in self.cache.ready(nl).items() if r > t0}
+            if not self.cache.insert(nl, best, ready_t, protect=protect):
+                break
+            chosen.append(best)
+            self._prefetched[(nl, best)] = True
+            resident[best] = 0.0
+            base -= gain
+            if self.forward_index in self.record_events:
+                self.stats.events.setdefault(self.forward_index, []).append(
+                    (l, "link", f"prefetch L{nl}E{best}", ready_t - c.xfer, ready_t))
+        used = len(chosen) * c.xfer
+        if used > budget + 1e-12:
+            self.stats.prefetch_budget_violations += 1
+        self.prefetch_log.append((budget, used, len(chosen)))
+        if chosen:
+            self.link_free = start + used
+            self.stats.prefetch_transfers += len(chosen)
+            self.stats.link_busy_s += used
+
+    # --- one forward ---------------------------------------------------------------------------
+    def step(self, fw: Forward) -> float:
+        c, st = self.costs, self.stats
+        n = fw.tokens
+        decode = self.forward_index > 0
+        t_start = self.clock
+        rec = self.forward_index in self.record_events
+        for l in range(self.shape.layers):
+            if l not in fw.layers:
+                d = c.plain(n)
+                if rec:
+                    st.events.setdefault(self.forward_index, []).append((l, "gpu", "dense", self.clock, self.clock + d))
+                self.clock += d
+                continue
+            d = c.dense(n)
+            if rec:
+                st.events.setdefault(self.forward_index, []).append((l, "gpu", "attn", self.clock, self.clock + d))
+            self.clock += d
+            t0 = self.clock
+            route = fw.layers[l]
+            counts = {e: k for e, k in enumerate(route.counts) if k > 0}
+            resident = self.cache.ready(l)
+            hits = sum(1 for e in counts if e in resident) if self.policy != "llamacpp" else (
+                len(counts) if l in self.gpu_layers else 0)
+            st.activations += len(counts)
+            st.hits += hits
+            if decode:
+                st.decode_activations += len(counts)
+                st.decode_hits += hits
+            for e in counts:
+                if self._prefetched.pop((l, e), False):
+                    st.prefetch_used += 1
+            plan = self._plan(l, counts, t0)
+            if self.policy not in ("llamacpp", "all_cpu", "ktransformers"):
+                self.cache.observe(l, list(counts), route.scores)
+                for i, e in enumerate(plan.transfers):
+                    self.cache.insert(l, e, t0, protect=counts)
+            st.max_cache_size = max(st.max_cache_size, max(self.cache.size(x) for x in self.moe_layers))
+            st.demand_transfers += len(plan.transfers)
+            st.link_busy_s += len(plan.transfers) * c.xfer
+            st.gpu_busy_s += sum(c.gpu(counts[e]) for e in plan.gpu)
+            st.cpu_busy_s += sum(c.cpu(counts[e]) for e in plan.cpu) + (c.cpu_layer if plan.cpu else 0.0)
+            st.gpu_experts += len(plan.gpu)
+            st.cpu_experts += len(plan.cpu)
+            if rec:
+                st.events.setdefault(self.forward_index, []).extend(
+                    (l, res, f"E{e}", a, b) for res, e, a, b in plan.events)
+            self.link_free = plan.link_end
+            end = plan.makespan_end
+            if self.prefetch and route.pred is not None:
+                later = [x for x in self.moe_layers if x > l]
+                if later:
+                    self._do_prefetch(l, later[0], route.pred, t0, end, n)
+            self.clock = end
+        self.clock += c.head(fw.logits)
+        dt = self.clock - t_start
+        st.time_s.append(dt)
+        self.forward_index += 1
+        return dt
+
+    def run(self, trace: Sequence[Forward]) -> Stats:
+        for fw in trace:
+            self.step(fw)
+        return self.stats
+
+
+def summarize(st: Stats, prompt_tokens: int, expert_bytes: int) -> Dict[str, float]:
+    """ttft, tbt, tokens/s, hit rates and bytes of one replay."""
+    out: Dict[str, float] = {}
+    if not st.time_s:
+        return out
+    out["ttft_s"] = st.time_s[0]
+    out["prefill_tokens_per_s"] = prompt_tokens / st.time_s[0] if st.time_s[0] > 0 else None
+    dec = st.time_s[1:]
+    if dec:
+        out["tbt_s"] = sum(dec) / len(dec)
+        out["decode_tokens_per_s"] = len(dec) / sum(dec)
+    out["cache_hit_rate"] = st.hits / st.activations if st.activations else None
+    out["decode_cache_hit_rate"] = st.decode_hits / st.decode_activations if st.decode_activations else None
+    out["bytes_transferred"] = (st.demand_transfers + st.prefetch_transfers) * expert_bytes
+    out["demand_transfers"] = st.demand_transfers
+    out["prefetch_transfers"] = st.prefetch_transfers
+    out["prefetch_used"] = st.prefetch_used
+    out["cpu_expert_share"] = st.cpu_experts / max(1, st.cpu_experts + st.gpu_experts)
+    return out
