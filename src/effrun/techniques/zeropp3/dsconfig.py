@@ -1,0 +1,37 @@
+"""The DeepSpeed config effrun generates for engine=deepspeed (ZeRO-3 + ZeRO++ keys; no torch)."""
+from __future__ import annotations
+
+
+def hpz_size(scheme: str, p) -> int:
+    """zero3: no secondary partition; zeropp: the node; hier3: the GCD pair (sub-devices)."""
+    if scheme == "zeropp":
+        return p.devices_per_node * p.subdevices_per_device
+    if scheme == "hier3":
+        return p.subdevices_per_device
+    return 1
+
+
+def ds_config(cfg, node) -> dict:
+    run, p, d = cfg.run, cfg.parallelism, cfg.data
+    out = {
+        "train_micro_batch_size_per_gpu": d.batch_size,
+        "gradient_accumulation_steps": run.grad_accum,
+        "train_batch_size": d.batch_size * run.grad_accum * p.world_size,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {
+            "stage": 3,
+            "zero_hpz_partition_size": hpz_size(node.scheme, p),
+            "zero_quantized_weights": bool(node.quantized_weights),
+            "zero_quantized_gradients": bool(node.quantized_gradients),
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
+    }
+    if run.max_grad_norm:
+        out["gradient_clipping"] = float(run.max_grad_norm)
+    if run.dtype == "bfloat16":
+        out["bf16"] = {"enabled": True}
+    elif run.dtype == "float16":
+        out["fp16"] = {"enabled": True}
+    return out
