@@ -77,8 +77,16 @@ def run_command(mode: Optional[str], overrides: List[str], *, multirun: bool, dr
     kv, flags = _split(overrides)
     kv = _with_mode(mode, kv)
     info_only = any(f in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for f in flags)
+    sweep = None
     if not info_only:
         points = preflight(kv, multirun)
+        if multirun:  # pin the sweep dir, check a Slurm request, wrap the submitit launcher
+            from effrun import slurm
+
+            kv, sweep = slurm.prepare_sweep(kv, points, dry_run)
+        if dry_run and sweep is not None:
+            slurm.dry_run_listing(sweep)
+            return 0
         if dry_run:
             for i, p in enumerate(points):
                 print(f"#{i}: {' '.join(p)}")
@@ -101,8 +109,16 @@ def run_command(mode: Optional[str], overrides: List[str], *, multirun: bool, dr
     try:
         hydra_entry.hydra_main()
     except SystemExit as e:
+        if sweep is not None and slurm.SUBMIT_ERROR:  # sbatch refused the jobs
+            raise UserError(f"Slurm refused the jobs: {slurm.SUBMIT_ERROR[-1]}", key="hydra.launcher") from None
         if e.code not in (0, None):
             return int(e.code) if isinstance(e.code, int) else 1
+    if sweep is not None:
+        not_done = slurm.finish_sweep(sweep)
+        if not_done:
+            print(f"{len(not_done)} job(s) failed: {', '.join(not_done)}", file=sys.stderr)
+            return 1
+        return 0
     if hydra_entry.FAILED:
         print(f"{len(hydra_entry.FAILED)} job(s) failed: {', '.join(hydra_entry.FAILED)}", file=sys.stderr)
         return 1

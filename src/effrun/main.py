@@ -17,14 +17,19 @@ FAILED: List[str] = []
 def run_task(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
+    from effrun import slurm
     from effrun.errors import UserError
-    from effrun.experiment import Experiment
 
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     run_dir = hc.runtime.output_dir
+    slurm.job_setup()  # inside a Slurm job: preemption signal -> checkpoint + requeue
+    from effrun.experiment import Experiment
+
     try:
         return Experiment(cfg, run_dir).run()
+    except slurm.Requeue as e:
+        slurm.on_requeue(run_dir, e)  # does not return: submitit requeues the job
     except UserError as e:
         if not multirun:
             print(e.line(), file=sys.stderr)

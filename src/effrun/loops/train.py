@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from effrun import slurm
 from effrun.loops import checkpoint as ckpt
 from effrun.loops.loss import causal_lm_loss, unwrap
 from effrun.metrics.flops import count_params, mfu, nonembedding_params, train_flops_per_token
@@ -56,7 +57,8 @@ def train(exp) -> None:
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
 
     start = 0
-    last = ckpt.latest(exp.run_dir) if run.resume else None
+    # run.resume, or Slurm requeued this job (preemption/time limit): continue from the last checkpoint
+    last = ckpt.latest(exp.run_dir) if (run.resume or slurm.requeued()) else None
     if last is not None:
         start = ckpt.load(last, model, opt, exp.techniques)
     rec = exp.start_recorder(run.max_steps, resume_from_step=start)
@@ -115,6 +117,12 @@ def train(exp) -> None:
             ckpt.save(exp.run_dir, step + 1, model, opt, exp.techniques)
         if exp.world_size > 1:
             torch.distributed.barrier()
+        if slurm.should_stop(exp, step):  # Slurm signalled a preemption/time limit
+            if exp.is_main:
+                ckpt.save(exp.run_dir, step + 1, model, opt, exp.techniques)
+            if exp.world_size > 1:
+                torch.distributed.barrier()
+            raise slurm.Requeue(step + 1)
         if run.crash_after_steps is not None and step + 1 >= run.crash_after_steps:
             os._exit(137)  # test hook: a kill -9 after this step
 

@@ -1,0 +1,489 @@
+"""Slurm glue: sweep pre-flight and summary (submitting side), preemption/requeue (job side).
+
+Submitting side (`effrun -m ... hydra/launcher=slurm`), called by effrun.frontend:
+  - `pin_sweep_dir`: resolve hydra.sweep.dir once so effrun knows where the points land;
+  - `check_resources`: compare the launcher's request with the partition (sinfo) and fail fast
+    with one line instead of a job that pends forever;
+  - `install_launcher`: wrap hydra-submitit-launcher's `launch` so that a point whose job died
+    (no summary, killed, out of time) is recorded as failed while the others' results are kept,
+    and `run.skip_completed=true` submits only the points without a completed summary;
+  - `sweep_summary`: one status line per point, written to <sweep dir>/sweep_summary.json.
+
+Job side (inside the Slurm job, called from effrun.main and the train loop):
+  - `job_setup`: route submitit's USR2 (time limit / preemption) through a flag so the loop can
+    checkpoint at a step boundary, then hand over to submitit's handler, which re-submits the same
+    point (`checkpoint()` of the launcher) and `scontrol requeue`s the job;
+  - `should_stop` / `Requeue` / `requeued`: the loop's side of that protocol.
+No torch import at module level.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from effrun.errors import UserError
+
+SUBMITIT_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+SWEEP_SUMMARY = "sweep_summary.json"
+# test hook, "STEP" or "STEP@TASK": after STEP steps, in the first run of the job (of array task TASK
+# only), every rank sends itself the preemption signal, as Slurm does before a time limit
+PREEMPT_ENV = "EFFRUN_TEST_PREEMPT_AT_STEP"
+
+
+# ---------------------------------------------------------------------------------------------
+# submitting side
+# ---------------------------------------------------------------------------------------------
+def launcher_cfg(hcfg) -> Optional[Dict[str, Any]]:
+    """The resolved hydra.launcher node if it is a submitit launcher, else None."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(hcfg, "hydra.launcher")
+    if node is None or not str(node.get("_target_", "")).startswith(SUBMITIT_TARGET):
+        return None
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def is_slurm(lcfg: Optional[Dict[str, Any]]) -> bool:
+    return bool(lcfg) and str(lcfg["_target_"]).endswith("SlurmLauncher")
+
+
+def pin_sweep_dir(kv: List[str], hcfg):
+    """(overrides + hydra.sweep.dir=<resolved>, that dir): the front then knows where the points land."""
+    from omegaconf import OmegaConf
+
+    d = str(OmegaConf.select(hcfg, "hydra.sweep.dir"))
+    if any(o.split("=", 1)[0].lstrip("+") == "hydra.sweep.dir" for o in kv):
+        return kv, Path(d)
+    quoted = "'" + d.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [*kv, f"hydra.sweep.dir={quoted}"], Path(d)
+
+
+def _sinfo(partition: Optional[str]) -> List[Dict[str, str]]:
+    if shutil.which("sinfo") is None:
+        raise UserError("Slurm is not reachable from here (no `sinfo` on PATH); run on a login node "
+                        "or start the local cluster with scripts/slurm-up.sh", key="hydra/launcher",
+                        choices=["basic", "slurm", "slurm_local"])
+    args = ["sinfo", "-h", "-N", "-o", "%R|%c|%m|%G|%l|%a"]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        raise UserError("sinfo did not answer in 20 s (is slurmctld up?)", key="hydra/launcher") from None
+    if out.returncode != 0:
+        raise UserError(f"sinfo failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}",
+                        key="hydra/launcher")
+    rows = []
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 6:
+            rows.append(dict(zip(("partition", "cpus", "mem_mb", "gres", "timelimit", "avail"), parts)))
+    return rows
+
+
+def _gpus(gres: str) -> int:
+    n = 0
+    for item in gres.split(","):
+        bits = item.split("(")[0].split(":")
+        if bits[0] == "gpu" and bits[-1].isdigit():
+            n = max(n, int(bits[-1]))
+    return n
+
+
+def _minutes(limit: str) -> Optional[float]:
+    """Slurm time limit ('infinite', 'MM', 'HH:MM:SS', 'D-HH:MM:SS') in minutes."""
+    if limit in ("infinite", "UNLIMITED", "n/a", ""):
+        return None
+    days, _, rest = limit.rpartition("-")
+    p = [int(x) for x in rest.split(":")]
+    h, m, s = ([0] * (3 - len(p)) + p) if len(p) > 1 else (0, p[0], 0)
+    return (int(days or 0) * 24 + h) * 60 + m + s / 60
+
+
+def check_resources(lcfg: Dict[str, Any], rows: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
+    """Fail fast (UserError, exit 2) when no node of the partition can ever hold one job."""
+    rows = _sinfo(lcfg.get("partition")) if rows is None else rows
+    parts = sorted({r["partition"].rstrip("*") for r in rows})
+    want_part = lcfg.get("partition")
+    if want_part is None:
+        default = [r["partition"] for r in rows if r["partition"].endswith("*")]
+        want_part = default[0].rstrip("*") if default else None
+    nodes = [r for r in rows if r["partition"].rstrip("*") == want_part]
+    if not nodes:
+        raise UserError(f"partition {want_part!r} does not exist", key="hydra.launcher.partition",
+                        choices=parts)
+    tasks = int(lcfg.get("tasks_per_node") or 1)
+    cpus = tasks * int(lcfg.get("cpus_per_task") or 1)
+    mem_mb = float(lcfg["mem_gb"]) * 1024 if lcfg.get("mem_gb") else None
+    gpus = int(lcfg.get("gpus_per_node") or 0)
+    max_cpus = max(int(r["cpus"]) for r in nodes)
+    max_mem = max(int(r["mem_mb"].rstrip("+")) for r in nodes)
+    max_gpus = max(_gpus(r["gres"]) for r in nodes)
+    where = f"partition {want_part!r}"
+    if cpus > max_cpus:
+        raise UserError(f"asks for {cpus} CPUs per node (tasks_per_node={tasks} x cpus_per_task="
+                        f"{lcfg.get('cpus_per_task')}) but the largest node of {where} has {max_cpus}",
+                        key="hydra.launcher.cpus_per_task")
+    if mem_mb is not None and mem_mb > max_mem:
+        raise UserError(f"asks for {lcfg['mem_gb']} GB per node but the largest node of {where} has "
+                        f"{max_mem / 1024:.1f} GB", key="hydra.launcher.mem_gb")
+    if gpus > max_gpus:
+        raise UserError(f"asks for {gpus} GPUs per node but the nodes of {where} have {max_gpus}",
+                        key="hydra.launcher.gpus_per_node")
+    if int(lcfg.get("nodes") or 1) > len(nodes):
+        raise UserError(f"asks for {lcfg['nodes']} nodes but {where} has {len(nodes)}",
+                        key="hydra.launcher.nodes")
+    limit = _minutes(nodes[0]["timelimit"])
+    if limit is not None and float(lcfg.get("timeout_min") or 0) > limit:
+        raise UserError(f"timeout_min={lcfg['timeout_min']} exceeds the time limit of {where} "
+                        f"({limit:g} min)", key="hydra.launcher.timeout_min")
+    if all(r["avail"] != "up" for r in nodes):
+        raise UserError(f"{where} is {nodes[0]['avail']}", key="hydra.launcher.partition", choices=parts)
+    return {"partition": want_part, "cpus": max_cpus, "mem_mb": max_mem, "gpus": max_gpus}
+
+
+def check_parallelism(lcfg: Dict[str, Any], cfg) -> None:
+    """tasks_per_node x nodes must be the run's world size, with ranks taken from the environment."""
+    tasks = int(lcfg.get("tasks_per_node") or 1) * int(lcfg.get("nodes") or 1)
+    p = cfg.parallelism
+    if tasks > 1 and (p.launcher != "env" or p.world_size != tasks):
+        raise UserError(f"the Slurm job starts {tasks} tasks; set parallelism=env "
+                        f"parallelism.world_size={tasks} (now launcher={p.launcher}, world_size={p.world_size})",
+                        key="parallelism")
+    if tasks == 1 and p.launcher == "env" and p.world_size > 1:
+        raise UserError(f"parallelism.world_size={p.world_size} with launcher=env needs "
+                        f"hydra.launcher.tasks_per_node={p.world_size}", key="hydra.launcher.tasks_per_node")
+
+
+def describe(lcfg: Dict[str, Any]) -> str:
+    keys = ("partition", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "mem_gb", "timeout_min",
+            "signal_delay_s", "max_num_timeout")
+    kind = "slurm" if is_slurm(lcfg) else "submitit-local"
+    return f"{kind}: " + " ".join(f"{k}={lcfg.get(k)}" for k in keys if k in lcfg)
+
+
+def point_status(run_dir: Path) -> Optional[str]:
+    from effrun.rundir import read_summary
+
+    s = read_summary(run_dir)
+    return s.get("status") if s else None
+
+
+def point_dirs(sweep_dir: Path) -> Dict[int, Path]:
+    """job num -> run dir, from each point's .hydra/hydra.yaml (any hydra.sweep.subdir layout)."""
+    import yaml
+
+    out: Dict[int, Path] = {}
+    for f in sorted(Path(sweep_dir).glob("**/.hydra/hydra.yaml")):
+        if ".submitit" in f.parts:
+            continue
+        try:
+            num = yaml.safe_load(f.read_text())["hydra"]["job"]["num"]
+            out[int(num)] = f.parent.parent
+        except Exception:
+            continue
+    return out
+
+
+def _point_dir(sweep_dir: Path, num: int, known: Dict[int, Path]) -> Path:
+    return known.get(num, Path(sweep_dir) / str(num))
+
+
+def sweep_summary(sweep_dir: Path, points: List[List[str]]) -> Dict[str, Any]:
+    """Status of every point (completed / failed / requeued / running / missing), written to
+    <sweep_dir>/sweep_summary.json and returned."""
+    from effrun.rundir import atomic_write_json, read_summary
+
+    sweep_dir = Path(sweep_dir)
+    known = point_dirs(sweep_dir)
+    rows = []
+    for num, ov in enumerate(points):
+        d = _point_dir(sweep_dir, num, known)
+        s = read_summary(d) or {}
+        rows.append({"num": num, "overrides": list(ov), "run_dir": str(d), "status": s.get("status", "missing"),
+                     "run_id": s.get("run_id"), "error": s.get("error"),
+                     "skipped": bool(s.get("skipped_at"))})
+    counts: Dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    out = {"sweep_dir": str(sweep_dir), "points": rows, "counts": counts,
+           "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if sweep_dir.is_dir():
+        atomic_write_json(sweep_dir / SWEEP_SUMMARY, out)
+    return out
+
+
+def print_sweep_summary(summ: Dict[str, Any], file=sys.stderr) -> None:
+    print(f"sweep {summ['sweep_dir']}: " + ", ".join(f"{v} {k}" for k, v in sorted(summ["counts"].items())),
+          file=file)
+    for r in summ["points"]:
+        extra = f"  ({r['error']})" if r.get("error") and r["status"] != "completed" else ""
+        print(f"  #{r['num']} {r['status']:<9} {' '.join(r['overrides'])}{extra}", file=file)
+
+
+# --- the launcher wrapper --------------------------------------------------------------------
+SUBMIT_ERROR: List[str] = []
+
+
+def _mark_failed(run_dir: Path, error: str) -> None:
+    """A job that died without finishing its summary (killed, out of memory/time) -> failed."""
+    from effrun.rundir import atomic_write_json, read_summary
+
+    s = read_summary(run_dir) or {}
+    if s.get("status") in ("completed", "failed"):
+        return
+    s.update(status="failed", error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_json(Path(run_dir) / "summary.json", s)
+
+
+def _short(err: BaseException) -> str:
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    for l in reversed(lines):  # the most telling line of submitit's error: the last exception
+        if "Error" in l or "error" in l or "Killed" in l or "CANCELLED" in l:
+            return f"{type(err).__name__}: {l}"[:300]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def _wait_all(jobs, max_poll_s: float = 30.0) -> None:
+    """Wait for every job with one sacct call per poll (submitit's own wait backs off to minutes and
+    waits 15 s for the result file of a job that was killed)."""
+    if not jobs:
+        return
+    t0, pending = time.time(), list(jobs)
+    while pending:
+        try:
+            jobs[0].watcher.update()  # one sacct for all registered jobs
+        except Exception:
+            pass
+        still = []
+        for j in pending:
+            if j.done():
+                j._results_timeout_s = min(getattr(j, "_results_timeout_s", 15), 5)
+            else:
+                still.append(j)
+        pending = still
+        if pending:  # 1 s at first, then a tenth of the elapsed time, at most max_poll_s
+            time.sleep(min(max_poll_s, max(1.0, (time.time() - t0) / 10)))
+
+
+def _launch(self, job_overrides, initial_job_idx):
+    """hydra-submitit-launcher's launch, plus: skip completed points (run.skip_completed=true),
+    wait for every job even when one fails, and record a dead job as a failed point."""
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+    from omegaconf import OmegaConf
+
+    from effrun.rundir import read_summary
+
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    import logging
+
+    log = logging.getLogger("effrun.slurm")
+    params = self.params
+    executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params["submitit_folder"],
+                                     **({f"{self._EXECUTOR}_max_num_timeout": params["max_num_timeout"]}
+                                        if "max_num_timeout" in params else {}))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    sweep_dir = Path(str(self.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    known = point_dirs(sweep_dir)
+    skip = bool(OmegaConf.select(self.config, "run.skip_completed"))
+
+    todo, returns = [], {}
+    for i, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + i
+        d = _point_dir(sweep_dir, idx, known)
+        prior = read_summary(d) or {}
+        if skip and prior.get("status") == "completed":
+            log.info(f"\t#{idx} : skip (completed in {d})")
+            r = JobReturn(overrides=list(overrides), working_dir=str(d), task_name="", status=JobStatus.COMPLETED,
+                          _return_value=prior)
+            returns[idx] = r
+            continue
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        todo.append((idx, d, list(overrides)))
+    print(f"effrun: submitting {len(todo)} of {len(job_overrides)} job(s) "
+          f"({len(job_overrides) - len(todo)} already completed)", file=sys.stderr)
+    if todo:
+        state = Singleton.get_state()
+        args = [(ov, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state) for idx, _, ov in todo]
+        try:
+            jobs = executor.map_array(self, *zip(*args))
+        except Exception as e:  # sbatch refused the jobs: one line, exit 2 from the front
+            SUBMIT_ERROR.append(_short(e))
+            raise
+        _wait_all(jobs)
+        for (idx, d, ov), job in zip(todo, jobs):
+            try:
+                r = job.results()[0]
+            except Exception as e:
+                err = _short(e)
+                log.error(f"#{idx} (slurm job {job.job_id}) failed: {err}")
+                _mark_failed(d, f"slurm job {job.job_id}: {err}")
+                r = JobReturn(overrides=ov, working_dir=str(d), task_name="", status=JobStatus.COMPLETED,
+                              _return_value=read_summary(d))
+            returns[idx] = r
+    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
+
+
+def install_launcher() -> None:
+    """Route hydra-submitit-launcher's launch through `_launch` (in the submitting process only)."""
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher as sl
+
+    if getattr(sl.BaseSubmititLauncher.launch, "_effrun", False):
+        return
+    _launch._effrun = True
+    sl.BaseSubmititLauncher.launch = _launch
+
+
+# ---------------------------------------------------------------------------------------------
+# job side
+# ---------------------------------------------------------------------------------------------
+class Requeue(BaseException):
+    """Raised by a loop at a step boundary after checkpointing for a preemption / time limit."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: checkpointed at step {step}; requeuing")
+        self.step = step
+
+
+_state: Dict[str, Any] = {"installed": False, "flag": False, "handler": None, "signum": None}
+
+
+def in_submitit_job() -> bool:
+    return "SUBMITIT_FOLDER" in os.environ and "SLURM_JOB_ID" in os.environ
+
+
+def restart_count() -> int:
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def requeued() -> bool:
+    """This Slurm job is a requeued incarnation: continue from the run dir's last checkpoint."""
+    return "SLURM_JOB_ID" in os.environ and restart_count() > 0
+
+
+def _on_signal(signum, frame) -> None:
+    _state["flag"] = True
+    print(f"effrun: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then requeue",
+          file=sys.stderr, flush=True)
+
+
+def job_setup() -> None:
+    """Inside a submitit job: take over submitit's preemption signal; threads = cpus_per_task."""
+    if not in_submitit_job():
+        return
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = cpus
+    if _state["installed"]:
+        return
+    import submitit
+
+    signum = submitit.JobEnvironment._usr_sig()
+    prev = signal.getsignal(signum)
+    if callable(prev):
+        _state.update(installed=True, handler=prev, signum=signum, flag=False)
+        signal.signal(signum, _on_signal)
+
+
+def should_stop(exp, step: int) -> bool:
+    """Called by a loop after `step` finished: True on every rank when any rank was signalled."""
+    if not _state["installed"]:
+        return False
+    at, _, task = (os.environ.get(PREEMPT_ENV) or "").partition("@")
+    if at and restart_count() == 0 and step + 1 == int(at) and \
+            (not task or task == os.environ.get("SLURM_ARRAY_TASK_ID")):
+        os.kill(os.getpid(), _state["signum"])
+    flag = _state["flag"]
+    if exp.world_size > 1:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag
+
+
+def on_requeue(run_dir: Path, exc: Requeue) -> None:
+    """After the loop checkpointed: mark the point requeued, then let submitit requeue the job."""
+    from effrun.rundir import atomic_write_json, read_summary
+
+    rank = int(os.environ.get("SLURM_PROCID", 0))
+    if rank == 0:
+        s = read_summary(run_dir) or {}
+        s.update(status="requeued", error=None, requeued_at_step=exc.step, restarts=restart_count())
+        atomic_write_json(Path(run_dir) / "summary.json", s)
+    handler = _state["handler"]
+    if handler is not None:
+        handler(_state["signum"], None)  # rank 0: dump the delayed submission, scontrol requeue, exit
+    if rank != 0:
+        time.sleep(120)  # the requeue ends this task; exiting now could look like a finished job
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the front's entry points
+# ---------------------------------------------------------------------------------------------
+def prepare_sweep(kv: List[str], points: List[List[str]], dry_run: bool):
+    """Before a multirun: pin the sweep dir, check a Slurm request against the partition, wrap the
+    submitit launcher. Returns (overrides, context for finish_sweep)."""
+    from omegaconf import OmegaConf
+
+    from effrun.config.compose import compose_checked
+
+    hcfg = compose_checked(points[0] if points else kv, hydra_cfg=True)  # sweep values -> one point
+    kv, sweep_dir = pin_sweep_dir(kv, hcfg)
+    lcfg = launcher_cfg(hcfg)
+    ctx = {"sweep_dir": sweep_dir, "points": points, "lcfg": lcfg,
+           "skip": bool(OmegaConf.select(hcfg, "run.skip_completed"))}
+    if lcfg is not None:
+        check_parallelism(lcfg, hcfg)
+        if is_slurm(lcfg):
+            if dry_run and shutil.which("sinfo") is None:
+                print("note: no sinfo here; the request was not checked against a partition", file=sys.stderr)
+            else:
+                check_resources(lcfg)
+        if not dry_run:
+            install_launcher()
+    return kv, ctx
+
+
+def dry_run_listing(ctx: Dict[str, Any]) -> None:
+    known = point_dirs(ctx["sweep_dir"]) if ctx["sweep_dir"].is_dir() else {}
+    n_skip = 0
+    for i, p in enumerate(ctx["points"]):
+        d = _point_dir(ctx["sweep_dir"], i, known)
+        st = point_status(d)
+        mark = ""
+        if ctx["skip"] and st == "completed":
+            mark, n_skip = "  [skip: completed]", n_skip + 1
+        elif st:
+            mark = f"  [{st}]"
+        print(f"#{i}: {' '.join(p)}{mark}")
+    if ctx["lcfg"]:
+        print(describe(ctx["lcfg"]))
+    print(f"sweep dir: {ctx['sweep_dir']}")
+    if n_skip:
+        print(f"{len(ctx['points']) - n_skip} of {len(ctx['points'])} job(s) to submit; nothing submitted")
+    else:
+        print(f"{len(ctx['points'])} job(s); nothing submitted")
+
+
+def finish_sweep(ctx: Dict[str, Any]) -> List[str]:
+    """After a multirun: write and print the sweep summary; return the run dirs that did not complete."""
+    summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
+    print_sweep_summary(summ)
+    return [r["run_dir"] for r in summ["points"] if r["status"] != "completed"]
