@@ -250,7 +250,7 @@ def _canonical_single_node(p: np.ndarray) -> np.ndarray:
 def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: float = 10.0,
                     hint: Optional[np.ndarray] = None, load: Optional[np.ndarray] = None,
                     load_tolerance: Optional[float] = None, items: Optional[np.ndarray] = None,
-                    workers: int = 2, seed: int = 0, symmetry_breaking: bool = True,
+                    workers: int = 4, seed: int = 0, symmetry_breaking: bool = True,
                     key: str = "technique.time_limit_s") -> SolveResult:
     """CP-SAT: x[l,e,d] boolean; each expert on exactly one device; exactly (#experts of the layer in
     ``items``)/D per layer and device; minimise sum of pair counts x hop cost. ``items`` ([L, E]
@@ -281,6 +281,7 @@ def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: fl
     single = topo.nodes == 1
     per = topo.per_node
     gains, const = [], 0
+    aux = []  # (var, [(l, e, devices)] it is the AND of) -> complete hints
     for l in range(L - 1):
         for i in np.flatnonzero(items[l]):
             for j in np.flatnonzero(items[l + 1]):
@@ -294,8 +295,12 @@ def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: fl
                     m.AddImplication(s, x[l, i, d])
                     m.AddImplication(s, x[l + 1, j, d])
                     same_dev.append(s)
+                    aux.append((s, ((l, i, (d,)), (l + 1, j, (d,)))))
+                sd = m.NewBoolVar("")
+                m.Add(sum(same_dev) == sd)
+                aux.append((sd, ((l, i, None), (l + 1, j, None))))
                 if single:
-                    gains.append(c * int(topo.intra_hop) * sum(same_dev))
+                    gains.append(c * int(topo.intra_hop) * sd)
                 else:
                     # cost = inter - (inter-intra)*same_node - intra*same_dev
                     same_node = []
@@ -304,8 +309,12 @@ def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: fl
                         m.Add(t <= sum(x[l, i, d] for d in range(n * per, (n + 1) * per)))
                         m.Add(t <= sum(x[l + 1, j, d] for d in range(n * per, (n + 1) * per)))
                         same_node.append(t)
-                    gains.append(c * int(topo.inter_hop - topo.intra_hop) * sum(same_node)
-                                 + c * int(topo.intra_hop) * sum(same_dev))
+                        devs = tuple(range(n * per, (n + 1) * per))
+                        aux.append((t, ((l, i, devs), (l + 1, j, devs))))
+                    sn = m.NewBoolVar("")
+                    m.Add(sum(same_node) == sn)
+                    aux.append((sn, ((l, i, "node"), (l + 1, j, "node"))))
+                    gains.append(c * int(topo.inter_hop - topo.intra_hop) * sn + c * int(topo.intra_hop) * sd)
     if symmetry_breaking and single and D > 1:
         es = np.flatnonzero(items[0])
         for pos, e in enumerate(es):
@@ -316,11 +325,23 @@ def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: fl
                     m.Add(x[0, e, d] <= sum(x[0, e2, d - 1] for e2 in es[:pos]))
         if hint is not None:
             hint = _canonical_single_node(np.where(items, hint, -1)) if items.all() else hint
+    if gains:
+        m.Add(sum(gains) <= const)  # explicit: lets CP-SAT stop at a zero-cost placement
     m.Maximize(sum(gains) if gains else 0)
     if hint is not None:
         for (l, e, d), v in x.items():
             m.AddHint(v, int(hint[l, e] == d))
+        for v, ((l1, e1, d1), (l2, e2, d2)) in aux:
+            a, b = int(hint[l1, e1]), int(hint[l2, e2])
+            if d1 is None:
+                m.AddHint(v, int(a == b))
+            elif d1 == "node":
+                m.AddHint(v, int(a // per == b // per))
+            else:
+                m.AddHint(v, int(a in d1 and b in d2))
     solver = cp_model.CpSolver()
+    solver.parameters.repair_hint = True
+    solver.parameters.linearization_level = 2
     solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(workers)
     solver.parameters.random_seed = int(seed)
@@ -329,14 +350,17 @@ def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: fl
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         why = ("the constraints are infeasible (check load_tolerance and the expert/device counts)"
                if st == cp_model.INFEASIBLE else f"no feasible placement within {time_limit_s:g} s")
-        best = "" if hint is None else f"; best feasible placement so far is the warm start (cost {placement_cost(hint, counts, topo):.0f})"
-        raise UserError(f"CP-SAT {name}: {why}{best}", key=key)
+        if hint is not None and st != cp_model.INFEASIBLE and (hint[items] >= 0).all():
+            # timed out before improving: the warm start is the best feasible placement so far
+            hc = placement_cost(np.where(items, hint, 0), np.where(items[:-1, :, None] & items[1:, None, :], counts, 0), topo)
+            return SolveResult(np.where(items, hint, -1), hc, 0.0, "TIMEOUT_HINT", time.perf_counter() - t0, "cpsat")
+        raise UserError(f"CP-SAT {name}: {why}", key=key)
     p = -np.ones((L, E), dtype=np.int64)
     for (l, e, d), v in x.items():
         if solver.BooleanValue(v):
             p[l, e] = d
     obj = const - solver.ObjectiveValue()
-    bound = const - solver.BestObjectiveBound()
+    bound = max(0.0, const - solver.BestObjectiveBound())
     return SolveResult(p, float(obj), float(bound), name, time.perf_counter() - t0, "cpsat")
 
 
@@ -354,7 +378,7 @@ def solve_direct(counts: np.ndarray, E: int, topo: Topology, time_limit_s: float
 
 # --- ExFlow ----------------------------------------------------------------------------------------
 def exflow_place(experts: np.ndarray, E: int, topo: Topology, time_limit_s: float = 60.0,
-                 batch_tokens: int = 5000, bipartition: Optional[bool] = None, workers: int = 2,
+                 batch_tokens: int = 5000, bipartition: Optional[bool] = None, workers: int = 4,
                  seed: int = 0, load_tolerance: Optional[float] = None) -> SolveResult:
     """ExFlow's integer program: exact per-layer balance, minimise cross-partition transitions,
     solved on growing token prefixes (batch_tokens, 2*batch_tokens, ..., all) each warm-started
@@ -440,7 +464,21 @@ def _bisect_hint(counts, items, E):
 
 
 # --- MoETuner ---------------------------------------------------------------------------------------
-def moetuner_clusters(load: np.ndarray, D: int, time_limit_s: float = 5.0, workers: int = 2):
+def _lpt_clusters(load_l: np.ndarray, D: int) -> np.ndarray:
+    E = len(load_l)
+    cap = E // D
+    out = np.zeros(E, dtype=np.int64)
+    tot = np.zeros(D)
+    cnt = np.zeros(D, dtype=np.int64)
+    for e in np.argsort(-load_l, kind="stable"):
+        c = min((c for c in range(D) if cnt[c] < cap), key=lambda c: tot[c])
+        out[e], tot[c], cnt[c] = c, tot[c] + load_l[e], cnt[c] + 1
+    # relabel clusters in order of first expert (the symmetry-breaking rule)
+    order = list(dict.fromkeys(out.tolist()))
+    return np.array([order.index(c) for c in out])
+
+
+def moetuner_clusters(load: np.ndarray, D: int, time_limit_s: float = 5.0, workers: int = 4):
     """ILP1: per layer, split experts into D clusters of E/D experts minimising the total absolute
     deviation of cluster token load from the layer mean. Returns ([L, E] cluster ids, deviations)."""
     from ortools.sat.python import cp_model
@@ -470,21 +508,27 @@ def moetuner_clusters(load: np.ndarray, D: int, time_limit_s: float = 5.0, worke
                 elif c >= 1:
                     m.Add(y[e, c] <= sum(y[e2, c - 1] for e2 in range(e)))
         m.Minimize(sum(dev))
-        s = cp_model.CpSolver()
-        s.parameters.max_time_in_seconds = time_limit_s / L
-        s.parameters.num_workers = workers
-        st = s.Solve(m)
-        if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            raise UserError(f"MoETuner ILP1 found no clustering for layer {l} in time", key="technique.time_limit_s")
+        lpt = _lpt_clusters(load[l], D)
         for (e, c), v in y.items():
-            if s.BooleanValue(v):
-                out[l, e] = c
-        devs.append(s.ObjectiveValue() / D)
+            m.AddHint(v, int(lpt[e] == c))
+        s = cp_model.CpSolver()
+        s.parameters.max_time_in_seconds = max(0.5, time_limit_s / L)
+        s.parameters.num_workers = workers
+        s.parameters.repair_hint = True
+        st = s.Solve(m)
+        if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            for (e, c), v in y.items():
+                if s.BooleanValue(v):
+                    out[l, e] = c
+            devs.append(s.ObjectiveValue() / D)
+        else:  # timed out: keep the greedy (LPT) clustering, a feasible one
+            out[l] = lpt
+            devs.append(float(np.abs(np.bincount(lpt, weights=load[l], minlength=D) - load[l].sum() / D).sum()))
     return out, devs
 
 
 def moetuner_place(counts: np.ndarray, load: np.ndarray, topo: Topology, time_limit_s: float = 30.0,
-                   link_cost: Optional[Sequence[float]] = None, workers: int = 2, seed: int = 0) -> SolveResult:
+                   link_cost: Optional[Sequence[float]] = None, workers: int = 4, seed: int = 0) -> SolveResult:
     """MoETuner: ILP1 (balanced clusters per layer) then ILP2 (clusters -> devices minimising
     cluster-to-cluster tokens between adjacent layers weighted by link cost intra/inter node)."""
     t0 = time.perf_counter()
@@ -546,18 +590,26 @@ def brute_force(counts: np.ndarray, E: int, topo: Topology):
     for assign in itertools.product(range(D), repeat=E):
         if all(assign.count(d) == cap for d in range(D)):
             layer_opts.append(np.array(assign))
+    # exact: the cost is a chain over layers, so enumerate every balanced assignment of each layer
+    # and combine layers by dynamic programming (Viterbi) -- the same optimum as enumerating all
+    # combinations, in O(L x options^2)
     L = counts.shape[0] + 1
-    best = (math.inf, None)
-    for combo in itertools.product(range(len(layer_opts)), repeat=L - 1):
-        # layer 0 fixed: with one node every relabeling of devices is an equal-cost placement
-        p = np.stack([layer_opts[0]] + [layer_opts[c] for c in combo])
-        c = placement_cost(p, counts, topo)
-        if c < best[0]:
-            best = (c, p)
-    if topo.nodes > 1:  # no relabeling symmetry across nodes: enumerate layer 0 too
-        for combo in itertools.product(range(len(layer_opts)), repeat=L):
-            p = np.stack([layer_opts[c] for c in combo])
-            c = placement_cost(p, counts, topo)
-            if c < best[0]:
-                best = (c, p)
+    opts = np.stack(layer_opts)
+    H = topo.hop_matrix()
+    n = len(opts)
+    acc = np.zeros(n)
+    back = []
+    for l in range(L - 1):
+        pair = np.array([[float((counts[l] * H[np.ix_(opts[a], opts[b])]).sum()) for b in range(n)]
+                         for a in range(n)])
+        tot = acc[:, None] + pair
+        back.append(tot.argmin(0))
+        acc = tot.min(0)
+    j = int(acc.argmin())
+    path = [j]
+    for bk in reversed(back):
+        j = int(bk[j])
+        path.append(j)
+    p = opts[path[::-1]]
+    best = (float(acc.min()), p)
     return best
