@@ -148,11 +148,13 @@ class Zeropp3(Technique):
             for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
                 os.environ.setdefault(k, v)
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        import deepspeed
-        import deepspeed.comm.torch as dstorch
+        import importlib
 
-        if exp.device == "cpu":
-            dstorch.build_shm_op = lambda: None  # skip compiling the shm op (init 25 s -> 2 s)
+        import deepspeed
+
+        if exp.device == "cpu":  # skip compiling the shm op (init 25 s -> 2 s); note that
+            # `import deepspeed.comm.torch` binds the torch package, hence import_module
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         conf = ds_config(exp.cfg, c)
         model = exp.build_model()
         opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
