@@ -238,6 +238,7 @@ def plan_naive(lengths: Sequence[int], world: int, capacity: int, cost: Cost,
     waves: List[_Wave] = []
     while items:
         w = _Wave(len(waves), range(world), capacity)
+        caps = sorted((c, r) for r, c in w.cap.items())
         rest = []
         for i in items:
             s = lengths[i]
@@ -246,12 +247,15 @@ def plan_naive(lengths: Sequence[int], world: int, capacity: int, cost: Cost,
                 free = w.empty_ranks()
                 if len(free) >= d:
                     w.place_long(i, s, free[:d])
+                    caps = sorted((c, r) for r, c in w.cap.items())
                 else:
                     rest.append(i)
                 continue
-            fits = [r for r in w.cap if w.cap[r] >= s]
-            if fits:
-                w.place_local(i, s, min(fits, key=lambda r: (w.cap[r], r)))  # best fit
+            k = bisect.bisect_left(caps, (s, -1))
+            if k < len(caps):  # best fit: the rank with the least room that still holds s
+                c, r = caps.pop(k)
+                w.place_local(i, s, r)
+                bisect.insort(caps, (w.cap[r], r))
             else:
                 rest.append(i)
         waves.append(w)
