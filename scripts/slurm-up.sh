@@ -28,7 +28,8 @@ munge -n | unmunge >/dev/null || die "munge does not work"
 MEM=$(( $(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p') * 9 / 10 ))
 if [ "$ACCT" = 1 ]; then AS=$'accounting_storage/slurmdbd\nAccountingStorageHost=localhost'
 else AS=accounting_storage/none; fi
-# cred_expire=5: a requeued job may start again after 5 s instead of the default 121 s
+# cred_expire=5: a requeued job may start again after 5 s instead of the default 121 s.
+# OverSubscribe=FORCE:2: two jobs may share a CPU (tiny test jobs mostly wait on imports).
 cat > "$S/slurm.conf" <<CONF
 ClusterName=localci
 SlurmctldHost=$H(127.0.0.1)
@@ -57,7 +58,7 @@ AccountingStorageType=$AS
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 NodeName=$H NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 CONF
 CHANGED=0; cmp -s "$S/slurm.conf" /etc/slurm/slurm.conf || { cp "$S/slurm.conf" /etc/slurm/slurm.conf; CHANGED=1; }
 if [ "$ACCT" = 1 ]; then
