@@ -48,19 +48,23 @@ def reference(world: int, steps: int, lr: float, max_norm: float):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, grads, torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int, lr: float):
+def _engine(h, rank, case, lr, comm):
+    return PartitionedEngine(tiny_llama(), h, rank, scheme=case["scheme"], quantized_weights=case["qw"],
+                             quantized_gradients=case["qg"], weight_block=32, grad_block=32, lr=lr,
+                             max_grad_norm=1.0, comm=comm)
+
+
+def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int, lr: float, tmp: str):
     h = Hierarchy(*hier_dims)
     comm = LevelComm(h, rank)
     ref = reference(world, steps, lr, 1.0) if rank == 0 else None
     results = []
     for case in cases:
-        eng = PartitionedEngine(tiny_llama(), h, rank, scheme=case["scheme"],
-                                quantized_weights=case["qw"], quantized_gradients=case["qg"],
-                                weight_block=32, grad_block=32, lr=lr, max_grad_norm=1.0, comm=comm)
+        eng = _engine(h, rank, case, lr, comm)
         losses, grad_err, counts = [], None, None
         for step in range(steps):
             comm.reset()
@@ -72,12 +76,21 @@ def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int
                 parts = [torch.empty(eng.chunk) for _ in range(world)]
                 torch.distributed.all_gather(parts, eng.last_grad)
                 g0 = torch.cat(parts)[:eng.numel]
+                if case.get("resume"):  # a partitioned checkpoint after the first step
+                    torch.save(eng.state_dict(), f"{tmp}/rank_{rank}.pt")
+        resumed = None
+        if case.get("resume"):
+            eng2 = _engine(h, rank, case, lr, comm)
+            with torch.no_grad():
+                eng2.shard.add_(1.0)  # loading must overwrite this
+            eng2.load_state_dict(torch.load(f"{tmp}/rank_{rank}.pt", weights_only=False))
+            resumed = [eng2.train_step([batch(step, rank)], loss_fn) for step in range(1, steps)]
         final = eng.full_parameters()
         mem = eng.state_bytes()
         if rank == 0:
             rl, rg, rp = ref
             grad_err = float((g0 - rg[0]).abs().max() / rg[0].abs().max())
-            results.append(dict(case=case, losses=losses, ref_losses=rl, grad_rel_err=grad_err,
+            results.append(dict(case=case, losses=losses, resumed=resumed, ref_losses=rl, grad_rel_err=grad_err,
                                 param_max_err=float((final - rp).abs().max()),
                                 sent_cluster=counts,
                                 expected=expected_bytes(case["scheme"], h, eng.N, 4, case["qw"], case["qg"], 32, 32),
