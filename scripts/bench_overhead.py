@@ -15,10 +15,12 @@ Per-step figures over the steady steps (after --warmup):
   cpu/step    CPU time of this process per step (time.process_time at each step end; effrun's
               Recorder.log_step is wrapped to take the stamp): time other processes take from us on a
               shared machine does not count, so this is the steadier A/B figure there.
-  outside     wall - timed, from the same steps (the machine's load hits both terms alike, so this
-              difference is much steadier than an A/B ratio on a busy machine).
+  outside     per step, the gap between step ends minus the timed step, from the same steps (median;
+              the machine's load hits both terms alike, so this is steadier than an A/B ratio).
 
-overhead = effrun wall/step / bare wall/step - 1 (target: < 2%). effrun's step 0 also counts the bytes
+overhead = effrun / bare - 1 per step (target: < 2%), as wall time and as CPU time; and, steadier on a
+busy machine, the CPU cost of the per-step work the harness adds (batch fetch + Recorder.log_step with
+its sinks), timed per call in a tight loop, as a fraction of the bare step's CPU time. effrun's step 0 also counts the bytes
 saved for backward (a saved_tensors_hooks pass); it lies in the warm-up and is excluded.
 
   .venv/bin/python scripts/bench_overhead.py [--reps 8] [--steps 40] [--warmup 5] [--threads 1]
@@ -95,16 +97,41 @@ def effrun_loop(cfg, root: Path) -> dict:
             "saved_bytes_step0": exp.summary.get("measured/saved_bytes")}
 
 
+def microbench(cfg, n: int = 2000) -> dict:
+    """Per-call CPU cost of the per-step work the harness adds to a bare loop: fetching the step's
+    batch from TokenBlocks and Recorder.log_step with the configured sinks (console under a pipe).
+    CPU-bound and sub-millisecond, so it is steady even where the A/B ratios are not."""
+    from effrun.data import TokenBlocks
+    from effrun.metrics.recorder import Recorder
+    from effrun.sinks import build_sinks
+
+    data = TokenBlocks(cfg.data, None, 256)
+    t0 = time.process_time()
+    for i in range(n):
+        x, y = data.batch(i)
+        x, y = x.to("cpu"), y.to("cpu")
+    batch_s = (time.process_time() - t0) / n
+    with tempfile.TemporaryDirectory() as tmp, redirect_stderr(io.StringIO()):
+        rec = Recorder(build_sinks(cfg.logger, Path(tmp), "bench", {}, n, "bench"))
+        t0 = time.process_time()
+        for i in range(n):
+            rec.log_step(i, loss=5.0 + i * 1e-6, step_time_s=0.02, tokens=512, samples=4, tokens_per_s=25600.0)
+        log_s = (time.process_time() - t0) / n
+        rec.close()
+    return {"batch_fetch_s": batch_s, "log_step_s": log_s}
+
+
 def per_step(res: dict, warmup: int) -> dict:
-    """Steady steps warmup+1..last: mean wall time per step (end to end), median/mean timed step and
-    the time per step outside the timed region."""
+    """Steady steps warmup+1..last: mean wall and CPU time per step (end to end), median timed step,
+    and the median per-step time outside the timed region (gap between step ends minus the step)."""
     ends, times = res["ends"], res["step_times"]
     n = len(ends) - 1 - warmup
     wall = (ends[-1] - ends[warmup]) / n
     steady = times[warmup + 1:]
     mean = sum(steady) / len(steady)
+    outside = statistics.median(ends[k] - ends[k - 1] - times[k] for k in range(warmup + 1, len(ends)))
     cpu = (res["cpu"][-1] - res["cpu"][warmup]) / n
-    return {"wall": wall, "step": statistics.median(steady), "step_mean": mean, "outside": wall - mean, "cpu": cpu}
+    return {"wall": wall, "step": statistics.median(steady), "step_mean": mean, "outside": outside, "cpu": cpu}
 
 
 def main() -> int:
@@ -150,13 +177,15 @@ def main() -> int:
             b, e = got["bare"], got["effrun"]
             r = {"bare": b, "effrun": e, "wall_ratio": e["wall"] / b["wall"], "step_ratio": e["step"] / b["step"],
                  "cpu_ratio": e["cpu"] / b["cpu"],
-                 "outside_extra_frac": (e["outside"] - b["outside"]) / e["step_mean"]}
+                 "outside_extra_frac": (e["outside"] - b["outside"]) / e["step"]}
             reps.append(r)
             print(f"rep {i}: wall/step bare {1e3 * b['wall']:.2f} ms, effrun {1e3 * e['wall']:.2f} ms "
                   f"(x{r['wall_ratio']:.3f}) | cpu/step bare {1e3 * b['cpu']:.2f} ms, effrun {1e3 * e['cpu']:.2f} ms "
                   f"(x{r['cpu_ratio']:.3f}) | timed step bare {1e3 * b['step']:.2f} ms, effrun "
                   f"{1e3 * e['step']:.2f} ms (x{r['step_ratio']:.3f}) | outside: bare {1e3 * b['outside']:.3f} ms, "
                   f"effrun {1e3 * e['outside']:.3f} ms", flush=True)
+
+    micro = microbench(cfg)
 
     def med(f):
         return statistics.median(f(r) for r in reps)
@@ -183,9 +212,14 @@ def main() -> int:
     print(f"harness overhead per step: wall {100 * wall_ov:+.2f}%, CPU time {100 * cpu_ov:+.2f}% (target < 2%: "
           f"wall {'met' if wall_ov < 0.02 else 'NOT met'}, CPU {'met' if cpu_ov < 0.02 else 'NOT met'}); extra time outside the timed region: "
           f"{100 * outside_frac:+.3f}% of a step; saved-bytes pass on step 0 only ({saved} bytes)")
+    per_call = micro["batch_fetch_s"] + micro["log_step_s"]
+    est = per_call / med(lambda r: r["bare"]["cpu"])
+    print(f"per-step harness work, CPU per call: batch fetch {1e6 * micro['batch_fetch_s']:.1f} us + log_step with "
+          f"sinks {1e6 * micro['log_step_s']:.1f} us = {1e3 * per_call:.3f} ms = {100 * est:.2f}% of a bare step's "
+          f"CPU time (target < 2%: {'met' if est < 0.02 else 'NOT met'})")
     if a.json:
         a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "reps": reps,
-                                      "wall_overhead": wall_ov, "cpu_overhead": cpu_ov, "outside_extra_frac": outside_frac,
+                                      "wall_overhead": wall_ov, "cpu_overhead": cpu_ov, "microbench": micro, "per_call_frac": est, "outside_extra_frac": outside_frac,
                                       "torch": torch.__version__}, indent=2) + "\n")
     return 0
 
