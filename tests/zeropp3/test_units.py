@@ -1,0 +1,115 @@
+"""In-process checks: quantisation, byte formulas at scale, cost model, DeepSpeed config, bad input."""
+import math
+
+import pytest
+import torch
+
+from effrun.costmodel import Level, collective_time, levels_from_hardware, span
+from effrun.costmodel.zero import project_zero, ratio
+from effrun.errors import UserError
+from effrun.techniques.zeropp3 import quant
+from effrun.techniques.zeropp3.formulas import expected_bytes
+from effrun.techniques.zeropp3.hierarchy import Hierarchy
+
+
+def test_int8_blocks_roundtrip_within_half_a_step():
+    x = torch.randn(4096) * torch.linspace(0.01, 10, 4096)
+    buf = quant.quantize(x, 8, 64)
+    assert buf.dtype == torch.uint8 and buf.numel() == quant.payload_bytes(4096, 8, 64) == 4096 + 4 * 64
+    y = quant.dequantize(buf, 4096, 8, 64)
+    step = x.view(-1, 64).abs().amax(1, keepdim=True) / 127
+    assert ((y - x).view(-1, 64).abs() <= step / 2 + 1e-6).all()
+
+
+def test_int4_packs_two_codes_per_byte_exactly():
+    codes = torch.randint(-7, 8, (1024,)).float()
+    codes.view(-1, 32)[:, 0] = 7.0  # absmax 7 per block -> scale 1
+    x = codes * 0.5
+    buf = quant.quantize(x, 4, 32)
+    assert buf.numel() == 512 + 4 * 32
+    assert torch.equal(quant.dequantize(buf, 1024, 4, 32), x)
+
+
+def test_hierarchy_levels_and_groups():
+    h = Hierarchy(2, 2, 2)
+    assert [h.level(0, b) for b in (1, 2, 4)] == ["subdevice", "device", "node"]
+    assert h.pair_group(5) == [4, 5] and h.device_group(5) == [5, 7] and h.cross_node_group(5) == [1, 5]
+    assert h.node_group(5) == [4, 5, 6, 7] and len(h.all_groups()) == 4 + 4 + 2 + 4
+
+
+def test_formulas_reach_the_paper_volumes_at_frontier_scale():
+    h = Hierarchy(48, 4, 2)  # 384 GCDs
+    n, M = 384 * 4096 * 64, 384 * 4096 * 64 * 2  # bf16 model bytes M
+    per_node = lambda b: b["node"] / h.nodes / M  # noqa: E731
+    assert per_node(expected_bytes("zero3", h, n, 2, False, False)) == pytest.approx(3 * 383 / 384)
+    zpp = per_node(expected_bytes("zeropp", h, n, 2, True, True, 4096, 4096))
+    assert zpp == pytest.approx(0.75, rel=0.01)  # qwZ 0.5M + hpZ 0 + qgZ 0.25M
+    assert per_node(expected_bytes("hier3", h, n, 2, True, True, 4096, 4096)) == pytest.approx(zpp)
+    # 3-level: the backward all-gather leaves the device level (only the GCD pair link)
+    a, b = expected_bytes("zeropp", h, n, 2, False, False), expected_bytes("hier3", h, n, 2, False, False)
+    assert b["device"] < 0.7 * a["device"] and b["node"] < a["node"]
+
+
+def test_alpha_beta_collective_time_and_span():
+    lv = Level("x", 8, 50.0, 3.0)
+    assert collective_time("all_gather", 8e9, 8, lv) == pytest.approx(7 * 3e-6 + 7 / 8 * 8e9 / 50e9)
+    assert collective_time("all_reduce", 8e9, 8, lv) == pytest.approx(7 * 3e-6 + 2 * 7 / 8 * 8e9 / 50e9)
+    levels = [Level("pair", 2, 200, 2), Level("node", 8, 50, 3), Level("net", 10**4, 12.5, 10)]
+    assert span(levels, 2).name == "pair" and span(levels, 8).name == "node"
+    assert span(levels, 2, stride=8).name == "net" and span(levels, 9).name == "net"
+
+
+def test_cost_model_orders_the_schemes_on_frontier():
+    from omegaconf import OmegaConf
+
+    from effrun.config.paths import config_dir
+
+    hw = OmegaConf.load(config_dir() / "hardware" / "mi250x-gcd.yaml")
+    levels = levels_from_hardware(hw)
+    P, L, H = 20e9, 44, 6144
+    rows = project_zero(P, P, L, H, levels, 191.5, [8, 16, 384], 2, 2048, 0.45)
+    r = {(x["scheme"], x["devices"]): x for x in rows}
+    assert r[("zero3", 8)]["scaling_efficiency"] == 1.0
+    for W in (16, 384):
+        assert r[("hier3", W)]["tflops_per_device"] > r[("zeropp", W)]["tflops_per_device"] > r[("zero3", W)]["tflops_per_device"]
+    # ZeRO-3 at 384: three bf16 collectives of 40 GB over 12.5 GB/s Slingshot per GCD
+    assert r[("zero3", 384)]["comm_s"] == pytest.approx(3 * (383 * 10e-6 + 383 / 384 * 2 * P / 12.5e9))
+    assert ratio(rows, "hier3", "zeropp", 384) > 1.0 and ratio(rows, "zeropp", "zero3", 384) > 1.3
+    # compute: 6P + 12LHT FLOPs per token at 45% of peak
+    assert r[("zero3", 8)]["compute_s"] == pytest.approx((6 * P + 12 * L * H * 2048) * 4096 / (191.5e12 * 0.45))
+
+
+def _cfg(*overrides):
+    from effrun.config.compose import compose_checked, validate
+    from effrun.config.validate_deep import validate_plugins
+
+    cfg = compose_checked(["mode=train", "+technique=zeropp3", "model=llama-tiny", *overrides])
+    validate(cfg)
+    validate_plugins(cfg)
+    return cfg
+
+
+def test_ds_config_generates_zeropp_keys():
+    from effrun.techniques.zeropp3.dsconfig import ds_config
+
+    cfg = _cfg("parallelism=hier-2x2x2", "technique.engine=deepspeed", "hardware=h100-sxm", "run.dtype=bfloat16")
+    z = ds_config(cfg, cfg.technique)
+    assert z["zero_optimization"]["stage"] == 3 and z["zero_optimization"]["zero_hpz_partition_size"] == 2
+    assert z["zero_optimization"]["zero_quantized_weights"] and z["zero_optimization"]["zero_quantized_gradients"]
+    assert z["train_batch_size"] == 8 * cfg.data.batch_size and z["bf16"] == {"enabled": True}
+    cfg.technique.scheme = "zeropp"
+    assert ds_config(cfg, cfg.technique)["zero_optimization"]["zero_hpz_partition_size"] == 4
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["parallelism=hier-2x2x2", "parallelism.world_size=6"], "parallelism.world_size"),
+    (["parallelism=hier-2x2x2", "parallelism.nodes=3", "parallelism.world_size=8"], "parallelism.world_size"),
+    (["technique.engine=deepspeed"], "technique.quantized_weights"),
+    (["parallelism=hier-2x2x2", "parallelism.zero_stage=2"], "parallelism.zero_stage"),
+    (["technique.scheme=zero4"], "technique.scheme"),
+    (["technique.engine=megatron"], "technique.engine"),
+])
+def test_bad_input_is_one_clear_error(overrides, key):
+    with pytest.raises(UserError) as e:
+        _cfg(*overrides)
+    assert e.value.key == key and "\n" not in e.value.line()
