@@ -1,0 +1,138 @@
+"""Planner, length distributions, cost model: pure Python, no processes."""
+import math
+import random
+
+import pytest
+
+from effrun.errors import UserError
+from effrun.techniques.bytescale import costmodel as CM
+from effrun.techniques.bytescale import lengths as L
+from effrun.techniques.bytescale import offload as O
+from effrun.techniques.bytescale import planner as P
+
+K = 1024
+COST = P.Cost.flops(hidden=64, layers=2, params_per_layer=12 * 64 * 64)
+
+
+@pytest.mark.parametrize("s,n", [(10, 1), (11, 2), (100, 3), (101, 4), (4096, 5), (37, 6)])
+def test_zigzag_split(s, n):
+    parts = P.zigzag(s, n)
+    assert len(parts) == n
+    cover = sorted(r for p in parts for r in p)
+    pos = 0
+    for a, b in cover:
+        assert a == pos
+        pos = b
+    assert pos == s
+    for i, p in enumerate(parts):
+        assert sum(b - a for a, b in p) <= -(-s // n)
+        if n > 1 and len(p) == 2:  # chunk i and chunk 2n-1-i: one early, one late
+            assert p[0][1] <= p[1][0] and p[0][0] < s / 2 <= p[1][1]
+
+
+def _batch(seed, dist="byted", max_len=4096, tokens=32 * K):
+    return L.sample_batch(L.get(dist, max_len, 64), tokens, seed)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "balance"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_capacity_and_ranks_per_sequence(strategy, seed):
+    ls = _batch(seed)
+    C = 1024
+    plan = P.make_plan(strategy, ls, 4, C, COST)
+    plan.check()
+    for mbs in plan.ranks:
+        for mb in mbs:
+            assert mb.tokens <= C
+    for i, d in plan.ranks_per_seq().items():
+        assert d == math.ceil(ls[i] / C)
+
+
+def test_static_mesh_splits_every_sequence_over_cp():
+    ls = _batch(0, max_len=2048)
+    plan = P.make_plan("static", ls, 4, 1024, COST, static_cp=2)
+    plan.check()
+    assert set(plan.ranks_per_seq().values()) == {2}
+    rings = {mb.ring for mbs in plan.ranks for mb in mbs}
+    assert rings == {(0, 1), (2, 3)}
+
+
+def test_balance_rule_and_delta_bound():
+    delta = 0.05
+    for dist in ("byted", "github"):
+        for seed in range(4):
+            ls = _batch(seed, dist)
+            bal = P.make_plan("balance", ls, 4, 1024, COST, delta=delta)
+            naive = P.make_plan("naive", ls, 4, 1024, COST)
+            bal.check()
+            # Alg. 2: a wave gives work only to ranks lagging the max by > delta (or to all when none lags)
+            for w in bal.trace:
+                tmax = w["tmax"]
+                lag = [r for r, t in enumerate(w["T"]) if tmax - t > delta * tmax]
+                assert sorted(w["ranks"]) == (sorted(lag) if lag else list(range(4)))
+            # the delta bound holds on the final per-rank cost, and balance beats naive
+            assert P.imbalance(bal.rank_cost()) <= delta, (dist, seed)
+            assert P.imbalance(bal.rank_cost()) < P.imbalance(naive.rank_cost())
+    # faster ranks got more micro-batches somewhere
+    assert any(len(set(P.make_plan("balance", _batch(s), 4, 1024, COST).micro_batches())) > 1 for s in range(4))
+
+
+def test_pp_balance_mixes_length_levels():
+    ls = _batch(3)
+    plan = P.make_plan("balance", ls, 4, 1024, COST, balance="pp")
+    plan.check()
+    assert P.imbalance(plan.rank_cost()) <= 0.05
+
+
+def test_bad_inputs_name_the_numbers():
+    with pytest.raises(UserError, match=r"5000 tokens.*4 x C=1024 = 4096|5000 tokens needs 5 ranks"):
+        P.make_plan("naive", [5000, 10], 4, 1024, COST)
+    with pytest.raises(UserError, match="capacity C=10"):
+        P.make_plan("balance", [5, 5], 4, 10, COST, min_chunk=8)
+    with pytest.raises(UserError, match="exceeds the CP group's capacity"):
+        P.make_plan("static", [3000], 4, 1024, COST, static_cp=2)
+
+
+def test_length_distributions_match_the_paper():
+    rng = random.Random(0)
+    d = L.byted()
+    xs = [d.sample(rng) for _ in range(200_000)]
+    st = d.stats(xs, [4 * K + 1, 128 * K, 2 * K * K])
+    assert abs((1 - st[4 * K + 1][0]) - 0.80) < 0.01  # ~80% of samples <= 4K
+    assert abs(st[128 * K][0] - 0.01) < 0.002 and abs(st[128 * K][1] - 0.443) < 0.05
+    assert abs(st[2 * K * K][1] - 0.121) < 0.05
+    g = L.github()
+    xs = [g.sample(rng) for _ in range(200_000)]
+    assert abs(g.stats(xs, [128 * K])[128 * K][1] - 0.162) < 0.04
+    sc = d.scaled(4096, 64)
+    ys = [sc.sample(rng) for _ in range(20_000)]
+    assert min(ys) >= 64 and max(ys) <= 4096
+
+
+def test_offload_solver_eq3():
+    m = O.LayerModel(a1=1e-12, b1=1e-7, g=0.0, a2=1000.0, b2=0.0)
+    C, l = 1024, 8
+    for s in (512, 2048, 8192, 32768):
+        r, d = O.solve(s, C, l, m, bw_bytes_per_s=1e10)
+        assert 0.0 <= r <= 1.0
+        assert 1 <= d <= math.ceil(s / C)
+        if r > 0:  # copy hidden under compute, and D(s) from Eq. 3
+            assert m.act(s) * r / 1e10 <= m.T(s) + 1e-12
+            assert d == math.ceil((2 * m.act(s) + (1 - r) * (l - 2) * m.act(s)) / (l * m.act(C)) - 1e-12)
+    r, d = O.solve(32768, C, l, m, 1e14)  # infinite bandwidth: full offload of the middle layers
+    assert r == 1.0 and d == math.ceil(2 * 32768 / (l * C))
+    r, d = O.solve(32768, C, l, m, 1.0)  # no bandwidth: no offload
+    assert r == 0.0 and d == 32
+    # the planner uses D(s) for long sequences when offload is on
+    plan = P.make_plan("naive", [8192, 100, 300], 8, C, COST, ranks_for=O.ranks_for(C, l, m, 1e14))
+    assert plan.ranks_per_seq()[0] == 2
+
+
+def test_projection_static_vs_hdp():
+    rows = [CM.project_one("llama-7b", "h100-sxm", 256, c, global_tokens=1 << 23, batches=1)
+            for c in (262144, 524288)]
+    for r in rows:
+        assert "error" not in r
+        assert r["balance_step_s"] <= r["naive_step_s"] * 1.02 < r["static_step_s"]
+    assert rows[1]["speedup_balance"] > rows[0]["speedup_balance"]
+    assert 1.6 < CM.doubling_slowdown(rows, "static_step_s") < 2.4  # paper: ~2x per doubling
