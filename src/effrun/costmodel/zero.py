@@ -9,7 +9,9 @@ W devices, k devices per node (innermost link levels), s devices per package (GC
 - hier3:  as zeropp but the hpZ secondary copy lives in the GCD pair (s): backward all-gather
           over s devices on the fastest link.
 Compute: 6 * P_nonemb + 12 * L * H * T FLOPs per token (PaLM), at peak * compute_efficiency.
-Step = compute + (1 - overlap) * communication.
+Step = compute + (1 - overlap) * communication. Model-state memory per device (mixed-precision
+Adam): 16 P / W bytes + the hpZ secondary copy 2 P / hpz (hpz = k for zeropp, s for hier3; on a
+target with only two link levels s = 1, i.e. hier3 keeps a full bf16 replica per device).
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ SCHEMES = ("zero3", "zeropp", "hier3")
 
 def _int_bytes(P: float, bits: int, block: int) -> float:
     return P * bits / 8 + 4 * P / block
+
+
+def hpz_size(scheme: str, levels, W: int) -> int:
+    k = min(levels[-2].group_size if len(levels) > 1 else W, W)
+    s = min(levels[0].group_size, W) if len(levels) > 2 else 1
+    return {"zero3": 0, "zeropp": k, "hier3": s}[scheme]
 
 
 def zero_iteration(scheme: str, P: float, levels, W: int, wire_bytes: float = 2.0, qw: bool = True,
@@ -64,8 +72,16 @@ def project_zero(P: float, P_nonemb: float, n_layers: int, hidden: int, levels, 
             step = compute + (1.0 - overlap) * comm
             tflops = flops / step / 1e12
             base.setdefault(scheme, tflops)
+            k = levels[-2].group_size if len(levels) > 1 else W
+            if W > k:
+                base.setdefault((scheme, "multinode"), tflops)
+            hpz = hpz_size(scheme, levels, int(W))
+            mem = 16 * P / W + (2 * P / hpz if hpz else 0)
             rows.append(dict(scheme=scheme, devices=int(W), comm_s=comm, compute_s=compute, step_s=step,
-                             tflops_per_device=tflops, scaling_efficiency=tflops / base[scheme], parts=parts))
+                             tflops_per_device=tflops, scaling_efficiency=tflops / base[scheme],
+                             scaling_efficiency_multinode=(tflops / base[(scheme, "multinode")]
+                                                           if W > k else None),
+                             model_state_GB=mem / 1e9, parts=parts))
     return rows
 
 

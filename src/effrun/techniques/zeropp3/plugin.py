@@ -234,6 +234,9 @@ class Zeropp3(Technique):
                 rec.set(f"projected/{r['scheme']}_tflops_per_device_at_{top}", r["tflops_per_device"])
                 rec.set(f"projected/{r['scheme']}_scaling_efficiency_at_{top}", r["scaling_efficiency"])
                 rec.set(f"projected/{r['scheme']}_comm_s_at_{top}", r["comm_s"])
+                rec.set(f"projected/{r['scheme']}_scaling_efficiency_multinode_at_{top}",
+                        r["scaling_efficiency_multinode"])
+                rec.set(f"projected/{r['scheme']}_model_state_GB_at_{top}", r["model_state_GB"])
         rec.set(f"projected/hier3_over_zeropp_tflops_at_{top}", ratio(rows, "hier3", "zeropp", top))
         rec.set(f"projected/zeropp_over_zero3_tflops_at_{top}", ratio(rows, "zeropp", "zero3", top))
         rec.set(f"projected/hier3_over_zero3_tflops_at_{top}", ratio(rows, "hier3", "zero3", top))
@@ -244,12 +247,18 @@ class Zeropp3(Technique):
         return {}
 
 
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _write_table(run_dir: Path, rows, hw: str, model: str) -> None:
     lines = [f"# ZeRO-3 / ZeRO++ / 3-level projection: {model} on {hw} (projected)", "",
-             "| scheme | devices | comm s | compute s | TFLOPS/device | scaling eff. |", "|---|---|---|---|---|---|"]
+             "| scheme | devices | comm s | compute s | TFLOPS/device | scaling eff. (vs smallest) | "
+             "scaling eff. (vs first multi-node) | model states GB/device |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['devices']} | {r['comm_s']:.3f} | {r['compute_s']:.3f} | "
-                     f"{r['tflops_per_device']:.1f} | {r['scaling_efficiency']:.3f} |")
+                     f"{r['tflops_per_device']:.1f} | {r['scaling_efficiency']:.3f} | "
+                     f"{_f(r['scaling_efficiency_multinode'])} | {r['model_state_GB']:.1f} |")
     (run_dir / "zeropp3_projection.md").write_text("\n".join(lines) + "\n")
     (run_dir / "zeropp3_projection.json").write_text(json.dumps(rows, indent=1))
     try:
