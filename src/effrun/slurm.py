@@ -317,9 +317,9 @@ def _launch(self, job_overrides, initial_job_idx):
         args = [(ov, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state) for idx, _, ov in todo]
         try:
             jobs = executor.map_array(self, *zip(*args))
-        except Exception as e:  # sbatch refused the jobs: one line, exit 2 from the front
+        except Exception as e:  # sbatch refused the jobs: the front prints one line and exits 2
             SUBMIT_ERROR.append(_short(e))
-            raise
+            raise SystemExit(2) from None  # (past Hydra's error report, which prints a traceback)
         _wait_all(jobs)
         for (idx, d, ov), job in zip(todo, jobs):
             try:

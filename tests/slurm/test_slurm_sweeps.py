@@ -59,6 +59,11 @@ def test_sweep_keeps_results_of_good_points_and_lists_the_failed_one(sweep):
     assert "1 job(s) failed" in proc.stderr and f"{sdir}/2" in proc.stderr
     for i in (0, 1):  # the good points' results are complete
         assert _summary(sdir / str(i))["measured/loss"] > 0 and len(_losses(sdir / str(i))) == 4
+    # `effrun report` on the multirun dir lists the failed point with its status and error
+    rep = run_effrun(cwd, "report", str(sdir), "--out", str(cwd / "report"))
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    rows = [l for l in (cwd / "report" / "report.md").read_text().splitlines() if "| failed |" in l]
+    assert len(rows) == 1 and "run.crash_after_steps=2" in rows[0] and "137" in rows[0], rows
 
 
 def test_requeued_job_resumes_with_same_run_id_and_loss_sequence(sweep):
@@ -116,3 +121,11 @@ def test_request_larger_than_partition_fails_fast(slurm_cluster, tmp_path, overr
     assert len(err) == 1 and key in err[0] and "partition 'debug'" in err[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     assert _all_job_ids() == before  # nothing was submitted
+
+
+def test_request_sbatch_refuses_is_one_line_exit_2(slurm_cluster, tmp_path):
+    proc = run_effrun(tmp_path, "-m", "train", *TINY, "run.lr=1e-4,1e-3", "hydra.launcher.constraint=nosuchfeature",
+                      timeout=60)
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(err) == 1 and "Slurm refused the jobs" in err[0] and "Invalid feature" in err[0], err
