@@ -18,10 +18,11 @@ Per-step figures over the steady steps (after --warmup):
   outside     per step, the gap between step ends minus the timed step, from the same steps (median;
               the machine's load hits both terms alike, so this is steadier than an A/B ratio).
 
-overhead = effrun / bare - 1 per step (target: < 2%), as wall time and as CPU time; and, steadier on a
-busy machine, the CPU cost of the per-step work the harness adds (batch fetch + Recorder.log_step with
-its sinks), timed per call in a tight loop, as a fraction of the bare step's CPU time. effrun's step 0 also counts the bytes
-saved for backward (a saved_tensors_hooks pass); it lies in the warm-up and is excluded.
+overhead = effrun / bare - 1 per step (target: < 2%), as wall time and as CPU time (medians of the
+per-rep ratios); and, steadier on a busy machine, the CPU cost of the per-step work the harness adds
+(batch fetch + Recorder.log_step with its sinks), timed per call in a tight loop, as a fraction of the
+bare step's CPU time. effrun's step 0 also counts the bytes saved for backward (a saved_tensors_hooks
+pass); it lies in the warm-up and is excluded (the harness measures saved bytes on the first step only).
 
   .venv/bin/python scripts/bench_overhead.py [--reps 8] [--steps 40] [--warmup 5] [--threads 1]
       [--model llama-tiny] [--seq-len 128] [--batch-size 4] [--logger default] [--json out.json]
