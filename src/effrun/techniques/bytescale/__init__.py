@@ -26,7 +26,7 @@ class ByteScaleConfig:
     balance: str = "dp"  # dp | pp (Alg. 2 DP-Balance / PP-Balance)
     capacity: int = 1024  # C: tokens per rank per micro-batch
     delta: float = 0.05  # balance tolerance: ranks lagging the max by more than delta get more work
-    buckets: int = 0  # 0 -> world size
+    buckets: int = 0  # 0 -> min(world size, 8)
     static_cp: int = 0  # static mesh CP degree; 0 -> smallest power of two holding the longest sequence
     min_chunk: int = 8  # smallest zigzag chunk (tokens)
     # data: sequence lengths from a long-tail distribution, real tokens from the data config's stream

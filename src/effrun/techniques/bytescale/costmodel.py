@@ -160,6 +160,9 @@ def project_one(model: str, hardware: str, gpus: int, context: int, dist: str = 
     shape = shape or Shape.from_cfg(load_yaml("model", model))
     target = target or Target.from_cfg(load_yaml("hardware", hardware))
     cl = Cluster(shape, target, gpus, mfu)
+    while cl.capacity > 0 and context > cl.ranks * cl.capacity and gpus < 65536:
+        gpus *= 2  # the cluster must hold one context-length sequence: scale out (recorded in "gpus")
+        cl = Cluster(shape, target, gpus, mfu)
     C, R = cl.capacity, cl.ranks
     cost = cl.cost()
     res = {"model": model, "hardware": hardware, "gpus": gpus, "tp": cl.tp, "ranks": R, "capacity": C,

@@ -314,7 +314,10 @@ def _fill_one(w: "_Wave", pool: "_Pool", r: int, left: float, spent: Dict[int, f
     if empty and d > 1 and (cost.piece(s, d) <= left or not has_short):
         # a long sequence: r plus the d-1 emptiest ranks of the wave (then of the rest, lowest cost first)
         others = [x for x in ranks if x != r and not w.pieces[x]]
-        others += sorted((x for x in range(world) if x not in ranks and not w.pieces[x]), key=lambda x: (T[x], x))
+        if len(others) < d - 1:
+            inside = set(ranks)
+            others += sorted((x for x in range(world) if x not in inside and not w.pieces[x]),
+                             key=lambda x: (T[x], x))
         if len(others) >= d - 1:
             pool.items.pop()
             ring = [r] + others[: d - 1]
@@ -348,7 +351,7 @@ def plan_balance(lengths: Sequence[int], world: int, capacity: int, cost: Cost, 
         raise UserError(f"unknown balance mode {mode!r}", key="technique.balance", choices=["dp", "pp"])
     ranks_for = ranks_for or default_ranks_for(capacity)
     check_inputs(lengths, world, capacity, min_chunk, ranks_for)
-    pools = [_Pool([(lengths[i], i) for i in b]) for b in buckets_by_cost(lengths, cost, n_buckets or world)]
+    pools = [_Pool([(lengths[i], i) for i in b]) for b in buckets_by_cost(lengths, cost, n_buckets or min(world, 8))]
     T = [0.0] * world
     waves: List[_Wave] = []
     trace: List[dict] = []
