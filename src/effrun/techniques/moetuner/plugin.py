@@ -1,0 +1,5 @@
+from effrun.moe.technique import PlacementTechnique
+
+
+class MoETuner(PlacementTechnique):
+    METHOD = "moetuner"
