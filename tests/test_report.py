@@ -120,10 +120,12 @@ def test_report_status_projected_and_technique_metrics(sweep, tmp_path):
              **({"eval_loss": 5.1 - i * 0.1} if i % 2 else {})} for i in range(4)]
     write_run(extra / "a", {**common, "technique": "hybrimoe", "techniques": ["hybrimoe"],
                             "measured/cache_hit_rate": 0.75, "measured/only_here": 3,
+                            "measured/bytes_per_level": {"node": 10, "rack": 20},
                             "projected/step_time_s": 0.01, "projected/hardware": "h100-sxm"},
               rows=rows, overrides=["+technique=hybrimoe", *base])
     write_run(extra / "b", {**common, "technique": "hybrimoe", "techniques": ["hybrimoe"],
-                            "measured/cache_hit_rate": 0.5, "projected/step_time_s": 0.02},
+                            "measured/cache_hit_rate": 0.5, "projected/step_time_s": 0.02,
+                            "measured/bytes_per_level": {"node": 30, "rack": 40}},
               rows=rows, overrides=["+technique=hybrimoe", "technique.cache_size=2", *base])
     out = tmp_path / "rep"
     data = build_report([sweep, extra], out=out, baseline="technique=hybrimoe,technique.cache_size=2")
@@ -154,11 +156,14 @@ def test_report_status_projected_and_technique_metrics(sweep, tmp_path):
     proj_md = md.split("## Projected")[1].split("## Plots")[0]
     assert "projected/" not in meas_md and "measured/" not in proj_md
     assert "| projected/step_time_s |" in proj_md and "h100-sxm" in proj_md
-    hit = next(r for r in data["measured_table"]["rows"] if r[0] == "measured/cache_hit_rate")
-    assert hit[-3:] == [0.75, 0.5, None]
+    table = {r[0]: r[1:] for r in data["measured_table"]["rows"]}
+    assert table["measured/cache_hit_rate"][-3:] == [0.75, 0.5, None]
+    # a dict of per-level numbers becomes one row (and one chart) per level
+    assert table["measured/bytes_per_level.rack"][-3:] == [20, 40, None]
 
     plots = {Path(p).name for p in data["plots"]}
-    assert {"measured_cache_hit_rate.png", "projected_step_time_s.png", "step_cache_hit_rate.png"} <= plots
+    assert {"measured_cache_hit_rate.png", "projected_step_time_s.png", "step_cache_hit_rate.png",
+            "measured_bytes_per_level.node.png"} <= plots
     assert "measured_only_here.png" not in plots
     for p in data["plots"]:
         check_png(Path(p))
