@@ -257,6 +257,17 @@ def test_r_too_large_is_a_user_error():
     assert not paca_modules(model)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "nope"], ["act_fn"]])  # missing; exists but not nn.Linear
+def test_bad_target_module_is_a_user_error(targets):
+    from effrun.errors import UserError
+
+    model = tiny_llama()
+    with pytest.raises(UserError) as e:
+        apply_paca(model, 4, 1.0, targets, seed=0)
+    assert e.value.key == "technique.target_modules" and "q_proj" in e.value.choices
+    assert not paca_modules(model)
+
+
 # --- QPaCA -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,double", [("nf4", True), ("nf4", False), ("int8", True), ("int8", False)])

@@ -64,7 +64,7 @@ def budget_gb(cfg) -> float:
 def run_find_max_seq_len(exp) -> None:
     import torch
 
-    from effrun.loops.loss import causal_lm_loss
+    from effrun.loops.loss import causal_lm_loss, unwrap
     from effrun.loops.train import prepare_model
     from effrun.metrics.memory import peak_rss_mb, reset_peak_rss
 
@@ -78,7 +78,12 @@ def run_find_max_seq_len(exp) -> None:
     if limit < GRID:
         raise UserError(f"must be >= {GRID} (the search grid)", key="run.max_seq_len_search")
     model, params = prepare_model(exp)
-    fwd = torch.compile(model) if run.compile else model
+    fwd = model
+    if run.compile:
+        if run.chunked_ce > 0:
+            unwrap(model).model.compile()
+        else:
+            fwd = torch.compile(model)
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
     bs = exp.cfg.data.batch_size
     cuda = str(exp.device).startswith("cuda")
