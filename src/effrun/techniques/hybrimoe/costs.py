@@ -109,6 +109,16 @@ class CostModel:
         return asdict(self)
 
 
+def median_by_tokens(samples: Sequence[Tuple[int, float]]) -> List[Tuple[int, float]]:
+    """One (tokens, median seconds) point per token count: robust to a noisy shared machine."""
+    import statistics
+
+    by: Dict[int, List[float]] = {}
+    for n, t in samples:
+        by.setdefault(int(n), []).append(float(t))
+    return [(n, statistics.median(ts)) for n, ts in sorted(by.items())]
+
+
 def fit_cpu(samples: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
     """Least squares time = a + b * tokens over (tokens, seconds) samples; returns (a, b), both >= 0."""
     n = len(samples)

@@ -78,15 +78,34 @@ def _classes(counts: Dict[int, int], ready: Dict[int, float]) -> Tuple[List[int]
 
 def hss(counts: Dict[int, int], ready: Dict[int, float], costs, t0: float = 0.0,
         link_free: float = 0.0, events: bool = False, allow_transfer: bool = True) -> Plan:
-    """Best split of the paper's priority order under the cost model (see module doc)."""
+    """Best split of the paper's priority order under the cost model (see module doc).
+
+    O(|cached|^2 log + |cached| * |uncached|): CPU time from suffix sums, GPU time incrementally.
+    """
     cached, uncached = _classes(counts, ready)
+    nc, nu = len(cached), len(uncached)
+    cpu_c = [0.0] * (nc + 1)   # CPU cost of cached[k:]
+    for k in range(nc - 1, -1, -1):
+        cpu_c[k] = cpu_c[k + 1] + costs.cpu(counts[cached[k]])
+    cpu_u = [0.0] * (nu + 1)
+    for k in range(nu - 1, -1, -1):
+        cpu_u[k] = cpu_u[k + 1] + costs.cpu(counts[uncached[k]])
+    link0 = max(t0, link_free)
+    max_u = nu if allow_transfer else 0
     best_key: Optional[Tuple[float, int, int]] = None
     arg = (0, 0)
-    for kc in range(len(cached) + 1):
-        for ku in range((len(uncached) if allow_transfer else 0) + 1):
-            p = evaluate(cached[:kc], uncached[:ku], cached[kc:] + uncached[ku:], counts, ready, costs,
-                         t0, link_free)
-            key = (p.makespan_end, ku, -kc)  # ties: fewer transfers, then more GPU work on cached experts
+    for kc in range(nc + 1):
+        t = t0
+        for e in sorted(cached[:kc], key=lambda e: (ready.get(e, t0), -counts[e], e)):
+            t = max(t, ready.get(e, t0)) + costs.gpu(counts[e])
+        for ku in range(max_u + 1):
+            if ku > 0:
+                e = uncached[ku - 1]
+                t = max(t, link0 + ku * costs.xfer) + costs.gpu(counts[e])
+            rest = cpu_c[kc] + cpu_u[ku]
+            n_cpu = (nc - kc) + (nu - ku)
+            c_end = t0 + (costs.cpu_layer + rest if n_cpu else 0.0)
+            key = (max(t, c_end), ku, -kc)  # ties: fewer transfers, then more GPU work on cached
             if best_key is None or key < best_key:
                 best_key, arg = key, (kc, ku)
     kc, ku = arg

@@ -130,7 +130,7 @@ class Hybrimoe(Technique):
 
         from effrun.loops.infer import greedy_generate
         from effrun.metrics.memory import peak_rss_mb, reset_peak_rss
-        from effrun.techniques.hybrimoe.capture import RoutingCapture
+        from effrun.techniques.hybrimoe.capture import RoutingCapture, calibrate_cpu_stable
 
         exp, c, run = self.exp, self.cfg, self.exp.cfg.run
         model = exp.build_model()
@@ -141,8 +141,9 @@ class Hybrimoe(Technique):
         ids = torch.tensor([exp.tokenizer.encode(run.prompt)], device=exp.device)
         # warm-up run: calibrates the CPU cost per expert (a + b * tokens) on this machine
         with torch.no_grad():
-            greedy_generate(model, ids, max(1, c.calibrate_tokens))
-        fit = fit_cpu(cap.samples) if cap.samples else None
+            greedy_generate(model, ids, max(1, c.calibrate_tokens))   # warm-up (lazy inits)
+        calib, passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype)
+        fit = fit_cpu(calib)
         use_measured = c.cpu_costs in ("auto", "measured")
         costs = self.costs(fit if use_measured else None)
         live = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
@@ -181,6 +182,11 @@ class Hybrimoe(Technique):
         rec.set("measured/new_tokens", new.shape[1])
         rec.set("measured/peak_mem_mb", peak_rss_mb())
         rec.set("measured/expert_calls_on_cpu", len(cap.samples))
+        if cap.samples:
+            import statistics
+
+            rec.set("measured/cpu_expert_call_median_s", statistics.median(t for _, t in cap.samples))
+        rec.set("measured/cpu_calibration_passes", passes)
         if fit:
             rec.set("measured/cpu_expert_overhead_s", fit[0])
             rec.set("measured/cpu_expert_per_token_s", fit[1])

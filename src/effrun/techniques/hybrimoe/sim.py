@@ -139,40 +139,47 @@ class Simulator:
         return hss(counts, ready, c, t0, self.link_free, events=ev)
 
     def _do_prefetch(self, l: int, nl: int, pred: Sequence[int], t0: float, end: float, n: int) -> None:
+        """Impact-driven prefetch for the next MoE layer `nl`: each candidate's effect on that
+        layer's HSS schedule is simulated with its real arrival time (the link is sequential);
+        the best positive-impact candidate is taken until none helps or the budget is spent.
+        Budget: link time from when it is free to the predicted end of layer `nl` without prefetch."""
         c = self.costs
         pcounts = {e: k for e, k in enumerate(pred) if k > 0}
-        if not pcounts:
+        if not pcounts or c.xfer <= 0:
             return
         start = max(self.link_free, t0)
-        deadline = end + c.dense(n)
-        budget = max(0.0, deadline - start)
-        n_max = int(math.floor(budget / c.xfer + 1e-9)) if c.xfer > 0 else len(pcounts)
+        t0n = end + c.dense(n)                       # predicted start of layer nl
+        resident = dict(self.cache.ready(nl))
+        cur = hss(pcounts, resident, c, t0n, start).makespan_end
+        budget = max(0.0, cur - start)
         chosen: List[int] = []
-        resident = {e: 0.0 for e in self.cache.ready(nl)}
-        base = hss(pcounts, resident, c).makespan_end
-        while len(chosen) < n_max:
-            best, gain = None, 0.0
-            for e in pcounts:
+        # candidates: the most-predicted experts (prefill routes to nearly all of them)
+        cands = sorted(pcounts, key=lambda e: (-pcounts[e], e))[:2 * self.shape.top_k]
+        while True:
+            arrive = start + (len(chosen) + 1) * c.xfer
+            if arrive - start > budget + 1e-12:
+                break
+            best, best_m = None, cur
+            for e in cands:
                 if e in resident:
                     continue
                 r2 = dict(resident)
-                r2[e] = 0.0
-                g = base - hss(pcounts, r2, c).makespan_end
-                if g > gain + 1e-15:
-                    best, gain = e, g
+                r2[e] = arrive
+                m = hss(pcounts, r2, c, t0n, arrive).makespan_end
+                if m < best_m - 1e-12:
+                    best, best_m = e, m
             if best is None:
                 break
-            ready_t = start + (len(chosen) + 1) * c.xfer
-            protect = set(pcounts) | {e for e, r in self.cache.ready(nl).items() if r > t0}
-            if not self.cache.insert(nl, best, ready_t, protect=protect):
+            protect = set(pcounts) | {e for e, r in resident.items() if r > t0}
+            if not self.cache.insert(nl, best, arrive, protect=protect):
                 break
             chosen.append(best)
             self._prefetched[(nl, best)] = True
-            resident[best] = 0.0
-            base -= gain
+            resident = dict(self.cache.ready(nl))
+            cur = best_m
             if self.forward_index in self.record_events:
                 self.stats.events.setdefault(self.forward_index, []).append(
-                    (l, "link", f"prefetch L{nl}E{best}", ready_t - c.xfer, ready_t))
+                    (l, "link", f"prefetch L{nl}E{best}", arrive - c.xfer, arrive))
         used = len(chosen) * c.xfer
         if used > budget + 1e-12:
             self.stats.prefetch_budget_violations += 1
