@@ -81,6 +81,6 @@ def check(cfg, node) -> None:
 spec = TechniqueSpec(
     name="zeropp3", config=Zeropp3Config, plugin="effrun.techniques.zeropp3.plugin:Zeropp3",
     modes=("train", "plan"), owns_loop=("train", "plan"), hardware="project", check=check,
-    conflicts=("lora", "dora", "paca", "bytescale"),
+    conflicts=("lora", "dora", "paca"),
     smoke_overrides={"train": ("technique.quantized_gradients=true",), "plan": ("model=gpt-20b", "hardware=mi250x-gcd")},
     description="ZeRO-3 / ZeRO++ / 3-level hierarchical partitioning (effrun or DeepSpeed engine) + cost model")
