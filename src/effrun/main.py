@@ -42,6 +42,7 @@ def run_task(cfg: DictConfig):
         import traceback
 
         traceback.print_exc()
+        slurm.note_fatal(run_dir)  # submitit gave up requeueing: that is the reason, not what it interrupted
         FAILED.append(run_dir)
 
 

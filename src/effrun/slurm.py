@@ -324,6 +324,8 @@ def _launch(self, job_overrides, initial_job_idx):
         for (idx, d, ov), job in zip(todo, jobs):
             try:
                 r = job.results()[0]
+                if r.status == JobStatus.FAILED:  # the task raised past effrun (e.g. no requeue left)
+                    raise r._return_value
             except Exception as e:
                 err = _short(e)
                 log.error(f"#{idx} (slurm job {job.job_id}) failed: {err}")
@@ -355,7 +357,7 @@ class Requeue(BaseException):
         self.step = step
 
 
-_state: Dict[str, Any] = {"installed": False, "flag": False, "handler": None, "signum": None}
+_state: Dict[str, Any] = {"installed": False, "flag": False, "handler": None, "signum": None, "polling": False}
 
 
 def in_submitit_job() -> bool:
@@ -375,9 +377,26 @@ def requeued() -> bool:
 
 
 def _on_signal(signum, frame) -> None:
+    if not _state["polling"]:  # no loop polls the flag (start-up, eval, a loop of its own): submitit's way
+        print(f"effrun: got {signal.Signals(signum).name} outside the train loop: requeue now", file=sys.stderr,
+              flush=True)
+        try:
+            _state["handler"](signum, frame)
+        except BaseException as e:  # e.g. no requeue left: keep the reason, whatever it interrupts
+            _state["fatal"] = f"{type(e).__name__}: {e}"
+            raise
+        return
     _state["flag"] = True
     print(f"effrun: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then requeue",
           file=sys.stderr, flush=True)
+
+
+def stop_polling() -> None:
+    """The loop is past its last step: a later signal requeues at once (a pending one is dropped:
+    only the summary is left to write)."""
+    if _state["flag"]:
+        print("effrun: preemption signal during the last step: finishing instead of requeuing", file=sys.stderr)
+    _state.update(polling=False, flag=False)
 
 
 def job_setup() -> None:
@@ -402,6 +421,7 @@ def should_stop(exp, step: int) -> bool:
     """Called by a loop after `step` finished: True on every rank when any rank was signalled."""
     if not _state["installed"]:
         return False
+    _state["polling"] = True
     at, _, task = (os.environ.get(PREEMPT_ENV) or "").partition("@")
     if at and restart_count() == 0 and step + 1 == int(at) and \
             (not task or task == os.environ.get("SLURM_ARRAY_TASK_ID")):
@@ -428,7 +448,14 @@ def on_requeue(run_dir: Path, exc: Requeue) -> None:
         atomic_write_json(Path(run_dir) / "summary.json", s)
     handler = _state["handler"]
     if handler is not None:
-        handler(_state["signum"], None)  # rank 0: dump the delayed submission, scontrol requeue, exit
+        try:  # rank 0: dump the delayed submission, scontrol requeue, exit
+            handler(_state["signum"], None)
+        except SystemExit:
+            raise
+        except BaseException as e:  # no requeue left (max_num_timeout): the point ends failed
+            _state["fatal"] = f"{type(e).__name__}: {e}"
+            note_fatal(run_dir)
+            raise
     if rank != 0:
         time.sleep(120)  # the requeue ends this task; exiting now could look like a finished job
     os._exit(1)
@@ -487,3 +514,15 @@ def finish_sweep(ctx: Dict[str, Any]) -> List[str]:
     summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
     print_sweep_summary(summ)
     return [r["run_dir"] for r in summ["points"] if r["status"] != "completed"]
+
+
+def note_fatal(run_dir) -> None:
+    """A point that failed because submitit gave up requeueing: say so in its summary (the
+    exception surfaced wherever the signal interrupted the program, e.g. inside an import)."""
+    from effrun.rundir import atomic_write_json, read_summary
+
+    if not _state.get("fatal") or int(os.environ.get("SLURM_PROCID", 0)) != 0:
+        return
+    s = read_summary(run_dir) or {}
+    s.update(status="failed", error=_state["fatal"], interrupted_error=s.get("error"))
+    atomic_write_json(Path(run_dir) / "summary.json", s)

@@ -56,3 +56,38 @@ def test_tasks_must_match_the_world_size():
                   (req(), cfg("env", 2))]:
         with pytest.raises(UserError):
             check_parallelism(lc, c)
+
+
+def test_preemption_signal_is_deferred_to_a_step_boundary_only_inside_the_loop(monkeypatch):
+    """Job side, without Slurm: submitit's USR2 handler runs at once outside the train loop, and is
+    replaced by a flag the loop polls while it runs."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from effrun import slurm
+
+    calls = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))  # stands in for submitit's handler
+    saved = dict(slurm._state)
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/nonexistent")
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv(slurm.PREEMPT_ENV, "3@7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    try:
+        slurm._state.update(installed=False, flag=False, polling=False)
+        slurm.job_setup()
+        exp = SimpleNamespace(world_size=1)
+        os.kill(os.getpid(), signal.SIGUSR2)  # before the loop: submitit requeues at once
+        assert calls == [signal.SIGUSR2] and not slurm._state["flag"]
+        assert slurm.should_stop(exp, 0) is False and slurm.should_stop(exp, 1) is False
+        assert slurm.should_stop(exp, 2) is True and calls == [signal.SIGUSR2]  # the hook fired after step 3
+        slurm.stop_polling()
+        assert not slurm._state["flag"] and not slurm._state["polling"]
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued run resumes and is not signalled again
+        assert slurm.requeued() and slurm.should_stop(exp, 2) is False
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+        slurm._state.clear()
+        slurm._state.update(saved)

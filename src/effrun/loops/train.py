@@ -53,7 +53,10 @@ def train(exp) -> None:
 
         fwd_model = DDP(model, device_ids=None if exp.device == "cpu" else [exp.device])
     if run.compile:
-        fwd_model = torch.compile(fwd_model)
+        if run.chunked_ce > 0:  # the chunked loss calls the decoder itself: compile that, in place
+            unwrap(model).model.compile()
+        else:
+            fwd_model = torch.compile(fwd_model)
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
 
     start = 0
@@ -125,6 +128,7 @@ def train(exp) -> None:
             raise slurm.Requeue(step + 1)
         if run.crash_after_steps is not None and step + 1 >= run.crash_after_steps:
             os._exit(137)  # test hook: a kill -9 after this step
+    slurm.stop_polling()
 
     rec.aggregate_steps()
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
