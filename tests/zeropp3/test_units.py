@@ -89,6 +89,16 @@ def _cfg(*overrides):
     return cfg
 
 
+def test_unset_hierarchy_is_one_node():
+    from effrun.techniques.zeropp3 import dims
+    from effrun.techniques.zeropp3.dsconfig import ds_config
+
+    cfg = _cfg("parallelism=ddp4")
+    assert dims(cfg.parallelism) == (1, 4, 1)
+    cfg.technique.scheme = "zeropp"
+    assert ds_config(cfg, cfg.technique)["zero_optimization"]["zero_hpz_partition_size"] == 4
+
+
 def test_ds_config_generates_zeropp_keys():
     from effrun.techniques.zeropp3.dsconfig import ds_config
 
@@ -106,6 +116,7 @@ def test_ds_config_generates_zeropp_keys():
     (["parallelism=hier-2x2x2", "parallelism.nodes=3", "parallelism.world_size=8"], "parallelism.world_size"),
     (["technique.engine=deepspeed"], "technique.quantized_weights"),
     (["parallelism=hier-2x2x2", "parallelism.zero_stage=2"], "parallelism.zero_stage"),
+    (["parallelism=ddp4", "parallelism.zero_stage=1", "technique.quantized_weights=false"], "parallelism.zero_stage"),
     (["technique.scheme=zero4"], "technique.scheme"),
     (["technique.engine=megatron"], "technique.engine"),
 ])

@@ -35,8 +35,16 @@ class Zeropp3Config:
     overlap: float = 0.0               # fraction of communication hidden behind compute
 
 
+def dims(p):
+    """(nodes, devices per node, sub-devices per device); an unset hierarchy (1x1x1) with
+    world_size > 1 means one node of world_size devices."""
+    d = (p.nodes, p.devices_per_node, p.subdevices_per_device)
+    return (1, p.world_size, 1) if d == (1, 1, 1) else d
+
+
 def _hierarchy_ok(p) -> bool:
-    return p.nodes * p.devices_per_node * p.subdevices_per_device == p.world_size
+    n, d, s = dims(p)
+    return n * d * s == p.world_size
 
 
 def check(cfg, node) -> None:
@@ -63,10 +71,10 @@ def check(cfg, node) -> None:
                         key="parallelism.world_size",
                         choices=[p.nodes * p.devices_per_node * p.subdevices_per_device])
     zpp = node.scheme != "zero3" or node.quantized_weights or node.quantized_gradients
-    if p.world_size > 1 and p.zero_stage != 3 and zpp:
+    if p.zero_stage in (1, 2) and zpp:  # 0 = not set: this technique runs stage 3
         raise UserError(f"ZeRO++ (scheme={node.scheme}, qwZ={node.quantized_weights}, "
                         f"qgZ={node.quantized_gradients}) needs ZeRO stage 3, got zero_stage={p.zero_stage}",
-                        key="parallelism.zero_stage", choices=[3])
+                        key="parallelism.zero_stage", choices=[0, 3])
     if node.engine == "deepspeed":
         on_gpu = cfg.hardware.kind in ("cuda", "rocm") and cfg.run.device != "cpu"
         if not on_gpu and (node.quantized_weights or node.quantized_gradients):

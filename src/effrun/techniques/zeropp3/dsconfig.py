@@ -4,11 +4,10 @@ from __future__ import annotations
 
 def hpz_size(scheme: str, p) -> int:
     """zero3: no secondary partition; zeropp: the node; hier3: the GCD pair (sub-devices)."""
-    if scheme == "zeropp":
-        return p.devices_per_node * p.subdevices_per_device
-    if scheme == "hier3":
-        return p.subdevices_per_device
-    return 1
+    from effrun.techniques.zeropp3 import dims
+
+    _, d, s = dims(p)
+    return {"zeropp": d * s, "hier3": s}.get(scheme, 1)
 
 
 def ds_config(cfg, node) -> dict:

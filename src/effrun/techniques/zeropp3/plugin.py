@@ -17,9 +17,9 @@ CKPT = "checkpoints"
 
 
 def _hierarchy(p, world: int) -> Hierarchy:
-    if world == 1:
-        return Hierarchy(1, 1, 1)
-    return Hierarchy(p.nodes, p.devices_per_node, p.subdevices_per_device)
+    from effrun.techniques.zeropp3 import dims
+
+    return Hierarchy(1, 1, 1) if world == 1 else Hierarchy(*dims(p))
 
 
 class Zeropp3(Technique):
