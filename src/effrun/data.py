@@ -147,9 +147,10 @@ class TokenBlocks:
     def batch(self, index: int, batch_size: int | None = None):
         """The index-th training micro-batch: (input_ids, labels), deterministic in index."""
         bs = batch_size or self.batch_size
-        n = len(self.order)
-        rows = [int(self.order[(index * bs + i) % n]) for i in range(bs)]
-        block = self.train[rows]
+        import torch
+
+        pos = (index * bs + torch.arange(bs)) % len(self.order)
+        block = self.train[self.order[pos]]
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
     def eval_iter(self):
