@@ -10,7 +10,10 @@ Output (default ~/.cache/effrun/moe-tiny-trained/):
   manifest.json                model config, checkpoints, trace paths; `.complete` when done
 
 Usage: nice -n 10 .venv/bin/python scripts/train_tiny_moe.py [--steps 600] [--layers 8] [--experts 8]
-The training is not tuned to produce affinity: plain next-token loss + Mixtral's load-balancing loss.
+The training is not tuned to produce affinity: plain next-token loss + a load-balancing loss
+(--aux per_layer, the default: Switch/GShard-style, per MoE layer; --aux global: transformers'
+Mixtral loss, which pools all layers and let individual layers collapse onto 1-2 experts in our
+first run, kept at ~/.cache/effrun/moe-tiny-trained/ for comparison).
 """
 from __future__ import annotations
 
@@ -65,6 +68,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=12.0)
+    ap.add_argument("--aux", choices=["per_layer", "global"], default="per_layer",
+                    help="load-balancing loss per MoE layer (Switch/GShard) or transformers' default, "
+                         "which pools all layers' router logits (balances experts only across layers)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser()
@@ -117,14 +123,21 @@ def main(argv=None):
         res = model(input_ids=x, output_router_logits=True)
         logits = res.logits
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss = ce + (model.config.router_aux_loss_coef * res.aux_loss if res.aux_loss is not None else 0.0)
+        if args.aux == "global":
+            aux = res.aux_loss
+        else:
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            aux = sum(load_balancing_loss_func((g,), args.experts, args.top_k) for g in res.router_logits)
+            aux = aux / len(res.router_logits)
+        loss = ce + model.config.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         loss_v = ce.item()
-        row = {"step": step, "loss": loss_v, "aux": res.aux_loss.item() if res.aux_loss is not None else None,
+        row = {"step": step, "loss": loss_v, "aux": float(aux),
                "step_time_s": time.perf_counter() - t0}
         log.write(json.dumps(row) + "\n")
         if step % 20 == 0:
