@@ -62,6 +62,7 @@ def test_cli_find_max_seq_len_runs_real_probes(effrun):
     assert 0 < s["measured/peak_mem_mb"] <= 16 * 1024
 
 
+@pytest.mark.slow  # ~10 s on a quiet 2-core machine, minutes when it is shared
 def test_smollm2_short_paca_finetune_lowers_eval_loss(need_assets, tmp_path):
     import torch
 
