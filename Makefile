@@ -26,7 +26,7 @@ assets: install
 	$(EFFRUN) fetch
 
 demo: assets
-	$(EFFRUN) train +technique=lora model=smollm2-135m data=shakespeare data.seq_len=128 data.batch_size=4 run.max_steps=8 run.warmup_steps=2
+	$(EFFRUN) train +technique=paca model=smollm2-135m data=shakespeare data.seq_len=128 data.batch_size=4 run.max_steps=8 run.warmup_steps=2
 
 test: assets
 	$(PY) -m pytest -q -x $(PYTEST_ARGS) tests
