@@ -116,3 +116,27 @@ def test_bad_input():
         exflow_place(np.zeros((0, 4, 1), dtype=np.int64), 8, Topology(4))
     with pytest.raises(UserError, match="power-of-two"):
         exflow_place(np.zeros((5, 2, 1), dtype=np.int64), 12, Topology(6), bipartition=True)
+
+
+def test_traffic_fractions_and_projection():
+    from effrun.moe.cost import ModelShape, project_step, traffic_fractions
+
+    tr, planted = _device_chains(4, 8, 4, 4000, seed=1)
+    tr = tr[:, :, None]
+    rr = traffic_fractions(tr, round_robin(4, 8, 4), 4, 4, "standard", seed=0)
+    # owners are uniform and independent of the expert: remote fraction ~ 1 - 1/D, combine mirrors it
+    assert abs(rr["dispatch_intra"].mean() - 0.75) < 0.03 and np.array_equal(rr["combine_intra"], rr["dispatch_intra"])
+    co = traffic_fractions(tr, planted, 4, 4, "coherent", seed=0)
+    # device chains + context-coherent: only the first layer moves tokens, and top-1 has no combine
+    assert co["dispatch_intra"][1:].sum() == 0 and co["combine_intra"].sum() == 0
+    two = traffic_fractions(tr, round_robin(4, 8, 4), 4, 2, "standard", seed=0)  # 2 nodes x 2
+    assert abs(two["dispatch_inter"].mean() - 0.5) < 0.03
+    hw = {"name": "h", "peak_tflops": {"bfloat16": 1000.0},
+          "links": [{"name": "nv", "group_size": 8, "bandwidth_GBps": 100.0, "latency_us": 0.0},
+                    {"name": "ib", "group_size": 64, "bandwidth_GBps": 10.0, "latency_us": 0.0}]}
+    shape = ModelShape("m", hidden=1000, ffn=1000, layers=1, experts=8, top_k=1, heads=10, kv_heads=10)
+    a = project_step(shape, hw, 4, 2, two, 1.0, "standard", tokens_per_device=100, mfu=1.0)
+    # by hand: rows 100 x (fi/100GB/s + fe/10GB/s) x 2000 bytes, twice (dispatch + combine)
+    fi, fe = two["dispatch_intra"].mean(), two["dispatch_inter"].mean()
+    assert a["comm_s"] == pytest.approx(2 * 100 * 2000 * (fi / 100e9 + fe / 10e9))
+    assert a["compute_s"] == pytest.approx(100 * 2 * (4 * 1000 * 1000) / 1e15 + 100 * 2 * 3e6 / 1e15)
