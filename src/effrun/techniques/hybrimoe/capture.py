@@ -172,7 +172,7 @@ def calibrate_cpu(experts, hidden: int, token_counts=(1, 2, 4, 8, 16, 32), round
     return sorted(best.items())
 
 
-def calibrate_cpu_stable(experts, hidden: int, dtype=torch.float32, max_s: float = 8.0,
+def calibrate_cpu_stable(experts, hidden: int, dtype=torch.float32, max_s: float = 4.0,
                          tol: float = 1.5) -> Tuple[List[Tuple[int, float]], int]:
     """Repeat `calibrate_cpu` until two passes agree within `tol`x per token count (the first
     passes in a fresh process on a loaded machine can be 1000x slow), or `max_s` runs out.
