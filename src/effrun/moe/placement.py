@@ -340,7 +340,7 @@ def solve_partition(counts: np.ndarray, E: int, topo: Topology, time_limit_s: fl
             else:
                 m.AddHint(v, int(a in d1 and b in d2))
     solver = cp_model.CpSolver()
-    solver.parameters.repair_hint = True
+    # (repair_hint=True aborts ortools 9.15 with "heuristics.fixed_search != nullptr" on large models)
     solver.parameters.linearization_level = 2
     solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(workers)
@@ -514,7 +514,6 @@ def moetuner_clusters(load: np.ndarray, D: int, time_limit_s: float = 5.0, worke
         s = cp_model.CpSolver()
         s.parameters.max_time_in_seconds = max(0.5, time_limit_s / L)
         s.parameters.num_workers = workers
-        s.parameters.repair_hint = True
         st = s.Solve(m)
         if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             for (e, c), v in y.items():
