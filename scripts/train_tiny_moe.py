@@ -6,6 +6,7 @@ Output (default ~/.cache/effrun/moe-tiny-trained/):
   ckpt-<step>/                 HF model dir (save_pretrained) of each checkpoint
   traces/step-<step>-solve.npz     routing trace on training-split blocks (solve placements on it)
   traces/step-<step>-heldout.npz   routing trace on the held-out plays (evaluate placements on it)
+  traces/final-{solve,heldout}.npz the last checkpoint's traces
   train_log.jsonl              step, loss, aux loss, seconds
   manifest.json                model config, checkpoints, trace paths; `.complete` when done
 
@@ -144,6 +145,11 @@ def main(argv=None):
             log.flush()
             print(json.dumps(row), flush=True)
     log.close()
+    import shutil
+
+    last = manifest["checkpoints"][-1]
+    for split in ("solve", "heldout"):  # stable names for recipes: the last checkpoint's traces
+        shutil.copyfile(last[split], out / "traces" / f"final-{split}.npz")
     (out / ".complete").write_text("ok\n")
     print(f"done in {(time.time() - t_start) / 60:.1f} min -> {out}")
 
