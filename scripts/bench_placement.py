@@ -113,7 +113,9 @@ def affinity(args, out):
         marg = P.pair_counts(tr.top1(), tr.num_experts).sum(2).astype(float)
         w = marg / marg.sum(1, keepdims=True)
         ent = -(cp * np.log2(np.where(cp > 0, cp, 1))).sum(2)          # [L-1, E]
+        ld = P.expert_load(tr.top1(), tr.num_experts)
         row = {"step": ck["step"], "loss": ck["loss"],
+               "top1_load_max_share": float((ld.max(1) / ld.sum(1)).mean()),
                "cond_entropy_bits": float((w * ent).sum(1).mean()), "uniform_bits": math.log2(tr.num_experts),
                "top_successor_mass": float((w * cp.max(2)).sum(1).mean()),
                "top1_rr4_cross_per_token": P.evaluate(P.round_robin(tr.num_layers, tr.num_experts, 4), tr.experts,
@@ -186,8 +188,10 @@ def main():
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--out", default="bench_placement.json")
     ap.add_argument("--plots", default=None)
+    ap.add_argument("--trained-dir", default=str(TRAINED))
     args = ap.parse_args()
-    out = {"time_limit_s": args.time_limit}
+    globals()["TRAINED"] = Path(args.trained_dir).expanduser()
+    out = {"time_limit_s": args.time_limit, "trained_dir": str(TRAINED)}
     for s in args.sections.split(","):
         globals()[s](args, out)
         Path(args.out).write_text(json.dumps(out, indent=1, default=str))
