@@ -52,6 +52,7 @@ def test_static_mesh_splits_every_sequence_over_cp():
     ls = _batch(0, max_len=2048)
     plan = P.make_plan("static", ls, 4, 1024, COST, static_cp=2)
     plan.check()
+    assert max(mb.tokens for mbs in plan.ranks for mb in mbs) <= 1024
     assert set(plan.ranks_per_seq().values()) == {2}
     rings = {mb.ring for mbs in plan.ranks for mb in mbs}
     assert rings == {(0, 1), (2, 3)}

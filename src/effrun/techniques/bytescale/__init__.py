@@ -35,8 +35,9 @@ class ByteScaleConfig:
     max_len: int = 4096
     fixed_lengths: List[int] = field(default_factory=list)  # distribution=fixed: this list every step
     tokens_per_step: int = 16384  # global batch tokens
-    # cost model used by the scheduler: flops (6Ps + 6hs^2) or profile (fitted from timed runs here)
-    cost_source: str = "flops"
+    # cost model the scheduler balances: flops (6Ps + 6hs^2) or profile (flops until the warm-up steps
+    # end, then refitted every step from the measured micro-batch CPU times of all ranks)
+    cost_source: str = "profile"
     profile_lengths: List[int] = field(default_factory=lambda: [64, 256, 1024, 2048])
     # selective activation offload (Eq. 3)
     offload: bool = False

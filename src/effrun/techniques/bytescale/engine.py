@@ -77,6 +77,7 @@ def run_micro_batch(model, index: PlanIndex, rank: int, mb: MicroBatch, seqs, n_
     ids, labels, pos = assemble(mb, seqs)
     lay = index.layout(rank, mb)
     wait0 = R.COMM["wait_s"]
+    c0 = time.thread_time()
     t0 = time.perf_counter()
     ctx = offload if offload is not None else _null()
     with R.use_layout(lay), ctx:
@@ -86,9 +87,10 @@ def run_micro_batch(model, index: PlanIndex, rank: int, mb: MicroBatch, seqs, n_
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    cpu = time.thread_time() - c0  # compute on this thread (gloo transfers run on its own threads)
     wait = R.COMM["wait_s"] - wait0
     return {"loss_sum": float(loss_sum.detach()), "tokens": int(labels.numel()), "wall_s": wall,
-            "comm_wait_s": wait, "compute_s": wall - wait}
+            "comm_wait_s": wait, "compute_s": wall - wait, "cpu_s": cpu}
 
 
 class _null:
@@ -178,14 +180,43 @@ def run_rank_step(model, plan: Plan, rank: int, seqs, device="cpu", offload_for=
     """All of this rank's micro-batches of one global batch (gradients accumulate, not synced)."""
     index = PlanIndex(plan)
     n_global = sum(plan.lengths)
-    tot = {"loss_sum": 0.0, "tokens": 0, "wall_s": 0.0, "comm_wait_s": 0.0, "compute_s": 0.0,
-           "micro_batches": len(plan.ranks[rank])}
+    tot = {"loss_sum": 0.0, "tokens": 0, "wall_s": 0.0, "comm_wait_s": 0.0, "compute_s": 0.0, "cpu_s": 0.0,
+           "micro_batches": len(plan.ranks[rank]), "records": []}
     for mb in plan.ranks[rank]:
         off = offload_for(mb) if offload_for else None
         out = run_micro_batch(model, index, rank, mb, seqs, n_global, device, off)
-        for k in ("loss_sum", "tokens", "wall_s", "comm_wait_s", "compute_s"):
+        for k in ("loss_sum", "tokens", "wall_s", "comm_wait_s", "compute_s", "cpu_s"):
             tot[k] += out[k]
+        tot["records"].append((features(plan, mb), out["cpu_s"]))
     return tot
+
+
+def features(plan: Plan, mb: MicroBatch) -> List[float]:
+    """What a micro-batch's compute time is fitted on: sum s^2/d, sum s/d, pieces, 1."""
+    q = sum(plan.lengths[p.seq] ** 2 / len(p.ring) for p in mb.pieces)
+    l = sum(plan.lengths[p.seq] / len(p.ring) for p in mb.pieces)
+    return [q, l, float(len(mb.pieces)), 1.0]
+
+
+def fit_cost(records) -> Tuple[List[float], float]:
+    """Non-negative least squares (active set by dropping negative terms) of time on features."""
+    import numpy as np
+
+    X = np.array([f for f, _ in records], dtype=float)
+    y = np.array([t for _, t in records], dtype=float)
+    active = list(range(X.shape[1]))
+    coef = np.zeros(X.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            break
+        active = [a for a, v in zip(active, sol) if v >= 0] if (sol < 0).any() else active
+    pred = X @ coef
+    ss = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 0.0
+    return [float(c) for c in coef], r2
 
 
 def reference_grads(model, seqs, lengths, device="cpu"):

@@ -61,19 +61,23 @@ class MicroBatch:
 
 @dataclass
 class Cost:
-    """Per-sequence execution-time model T(s) = a1 s^2 + b1 s (+ g per micro-batch)."""
+    """Per-sequence execution-time model T(s) = a1 s^2 + b1 s + p (+ g per micro-batch)."""
     a1: float = 1.0
     b1: float = 0.0
     g: float = 0.0
+    p: float = 0.0  # per-sequence overhead (kernel launches, Python) in a fitted model
 
     def seq(self, s: float) -> float:
-        return self.a1 * s * s + self.b1 * s
+        return self.a1 * s * s + self.b1 * s + self.p
 
     def piece(self, s: int, d: int) -> float:
         # zigzag gives every one of the d ranks 1/d of the causal mask area and 1/d of the tokens
-        return self.seq(s) / d
+        return (self.a1 * s * s + self.b1 * s) / d + self.p
 
     def max_len_for(self, budget: float) -> float:
+        if budget <= 0:
+            return 0.0
+        budget -= self.p
         if budget <= 0:
             return 0.0
         if self.a1 <= 0:
@@ -401,10 +405,12 @@ def plan_balance(lengths: Sequence[int], world: int, capacity: int, cost: Cost, 
 # --- static DP x CP mesh (baseline) ---------------------------------------------------------------
 def static_cp_for(max_len: int, world: int, capacity: int) -> int:
     """Smallest power-of-two CP degree dividing the world whose group holds the longest sequence."""
+    def fits(cp):  # the longest sequence, padded to a multiple of 2cp, fits the CP group
+        return -(-max_len // (2 * cp)) * 2 * cp <= cp * capacity
     cp = 1
-    while cp * capacity < max_len and cp < world:
+    while not fits(cp) and cp < world:
         cp *= 2
-    if world % cp or cp * capacity < max_len:
+    if world % cp or not fits(cp):
         raise UserError(f"no power-of-two CP degree <= world {world} holds a {max_len}-token sequence at "
                         f"capacity C={capacity} per rank", key="technique.max_len")
     return cp
@@ -418,19 +424,21 @@ def plan_static(lengths: Sequence[int], world: int, capacity: int, cost: Cost, c
     cp = cp or static_cp_for(max(lengths), world, capacity)
     if world % cp:
         raise UserError(f"static CP degree {cp} does not divide world size {world}", key="technique.static_cp")
-    if max(lengths) > cp * capacity:
+    if max(-(-s // (2 * cp)) * 2 * cp for s in lengths) > cp * capacity:
         raise UserError(f"a sequence of {max(lengths)} tokens exceeds the CP group's capacity "
                         f"{cp} x C={capacity} = {cp * capacity}", key="technique.static_cp")
     dp = world // cp
-    # next-fit packing in data order into micro-batches of cp*C tokens, dealt to DP groups in turn
+    # next-fit packing in data order into micro-batches of cp*C tokens, dealt to DP groups in turn;
+    # a sequence counts as padded to a multiple of 2cp (Megatron CP), so no rank exceeds C
     mbs: List[List[int]] = [[]]
     fill = 0
     for i, s in enumerate(lengths):
-        if fill + s > cp * capacity:
+        padded = -(-s // (2 * cp)) * 2 * cp
+        if fill + padded > cp * capacity and mbs[-1]:
             mbs.append([])
             fill = 0
         mbs[-1].append(i)
-        fill += s
+        fill += padded
     ranks: List[List[MicroBatch]] = [[] for _ in range(world)]
     for j, seqs in enumerate(mbs):
         g, wave = j % dp, j // dp

@@ -152,19 +152,17 @@ class ByteScale(Technique):
             n_global = sum(lengths)
             for st in strategies:
                 plan = self._plan(st, lengths, cost)
-                for mbs in plan.ranks:
-                    for mb in mbs:
-                        max_rank_tokens = max(max_rank_tokens, mb.tokens) if st != "static" or True else 0
+                max_rank_tokens = max([max_rank_tokens] + [mb.tokens for mbs in plan.ranks for mb in mbs])
                 model = models[st]
                 barrier()
-                cpu0, t0 = time.process_time(), time.perf_counter()
+                t0 = time.perf_counter()
                 out = E.run_rank_step(model, plan, rank, seqs, exp.device, self._offload_for(model, plan))
-                cpu = time.process_time() - cpu0
+                cpu = out["cpu_s"]
                 norm = opts[st].step(run.max_grad_norm)
                 dt = time.perf_counter() - t0
                 rows = gather({"tokens": out["tokens"], "compute_s": out["compute_s"], "cpu_s": cpu,
                                "wait_s": out["comm_wait_s"], "mbs": out["micro_batches"],
-                               "loss_sum": out["loss_sum"], "step_s": dt})
+                               "loss_sum": out["loss_sum"], "step_s": dt, "records": out["records"]})
                 loss = sum(r["loss_sum"] for r in rows) / n_global
                 losses[st].append(loss)
                 step_s = max(r["step_s"] for r in rows)
@@ -182,14 +180,18 @@ class ByteScale(Technique):
                 if step >= run.warmup_steps or run.max_steps <= run.warmup_steps:
                     for k, v in vals.items():
                         stats[st].setdefault(k, []).append(v)
-                    pc = plan.rank_cost()
-                    fit_rows.extend((pc[i], rows[i]["cpu_s"], len(plan.ranks[i])) for i in range(world))
+                    for r in rows:
+                        fit_rows.extend(r["records"])
                 if st == c.strategy:
-                    rec.log_step(step, loss=loss, tokens=n_global, samples=len(lengths),
-                                 **{k: v for k, v in vals.items()},
-                                 **{f"{b}_step_time_s": None for b in []})
+                    row = dict(loss=loss, tokens=n_global, samples=len(lengths), **vals)
                 else:
-                    rec.rows[-1][f"{st}_step_time_s"] = step_s if rec.rows and rec.rows[-1]["step"] == step else None
+                    row[f"{st}_step_time_s"] = step_s
+                    row[f"{st}_compute_imbalance"] = vals["compute_imbalance"]
+            rec.log_step(step, **row)
+            if c.cost_source == "profile" and fit_rows:
+                coef, _ = E.fit_cost(fit_rows)  # same records on every rank -> the same plan everywhere
+                if coef[0] > 0 or coef[1] > 0:
+                    cost = P.Cost(a1=coef[0], b1=coef[1], p=coef[2], g=coef[3])
         rec.aggregate_steps()
         self._summarise(rec, strategies, stats, losses, fit_rows, max_rank_tokens, opts)
         if c.project and exp.is_main:
@@ -231,19 +233,16 @@ class ByteScale(Technique):
         rec.set("measured/ring_bytes_sent_rank0", R.COMM["bytes"])
         if self._offload_hooks:
             rec.set("measured/offloaded_bytes_rank0", sum(h.bytes for h in self._offload_hooks))
-        # calibration of the scheduler's cost model against measured per-rank CPU time: cpu = k*cost + g*mbs
-        if len(fit_rows) >= 3:
-            import numpy as np
-
-            A = np.array([[x, m] for x, _, m in fit_rows], dtype=float)
-            y = np.array([t for _, t, _ in fit_rows], dtype=float)
-            sol, *_ = np.linalg.lstsq(A, y, rcond=None)
-            pred = A @ sol
-            ss = float(((y - y.mean()) ** 2).sum())
-            rec.set("measured/cost_fit/s_per_flop", float(sol[0]))
-            rec.set("measured/cost_fit/s_per_micro_batch", float(sol[1]))
-            rec.set("measured/cost_fit/r2", 1 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else None)
-            rec.set("measured/cost_fit/effective_gflops", 1e-9 / float(sol[0]) if sol[0] > 0 else None)
+        # calibration: micro-batch CPU time fitted on (sum s^2/d, sum s/d, sequences, 1), all strategies
+        if len(fit_rows) >= 6:
+            coef, r2 = E.fit_cost(fit_rows)
+            for k, v in zip(("s_per_token2", "s_per_token", "s_per_sequence", "s_per_micro_batch"), coef):
+                rec.set(f"measured/cost_fit/{k}", v)
+            rec.set("measured/cost_fit/r2", r2)
+            fl = self._flops_cost()
+            _, r2f = E.fit_cost([([fl.a1 * f[0] + fl.b1 * f[1]], t) for f, t in fit_rows])
+            rec.set("measured/cost_fit/r2_flops_only", r2f)
+            rec.set("measured/cost_fit/micro_batches", len(fit_rows))
 
     def _project(self, rec) -> None:
         from effrun.techniques.bytescale import costmodel as CM
