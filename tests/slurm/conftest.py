@@ -26,6 +26,9 @@ def _node_ready() -> str | None:
     states = out.stdout.split()
     if out.returncode != 0 or not any(s.rstrip("*") in ("idle", "mixed", "allocated") for s in states):
         return f"no usable node in partition debug ({(out.stderr or out.stdout).strip()[:200] or 'none'})"
+    acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True, text=True, timeout=15)
+    if acct.returncode != 0:  # without slurmdbd submitit cannot see a requeued/cancelled job: sweeps hang
+        return f"Slurm accounting (slurmdbd) not reachable: {acct.stderr.strip()[:200]}"
     return None
 
 
