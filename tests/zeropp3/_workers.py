@@ -55,7 +55,7 @@ def reference(world: int, steps: int, lr: float, max_norm: float):
 def _engine(h, rank, case, lr, comm):
     return PartitionedEngine(tiny_llama(), h, rank, scheme=case["scheme"], quantized_weights=case["qw"],
                              quantized_gradients=case["qg"], weight_block=32, grad_block=32, lr=lr,
-                             max_grad_norm=1.0, comm=comm)
+                             max_grad_norm=1.0, comm=comm, gather=case.get("gather", "layer"))
 
 
 def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int, lr: float, tmp: str):
@@ -73,16 +73,15 @@ def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int
             torch.distributed.all_reduce(sent)
             counts = sent.tolist() if counts is None else counts
             if step == 0:
-                parts = [torch.empty(eng.chunk) for _ in range(world)]
-                torch.distributed.all_gather(parts, eng.last_grad)
-                g0 = torch.cat(parts)[:eng.numel]
+                g0 = eng.full_gradient()
                 if case.get("resume"):  # a partitioned checkpoint after the first step
                     torch.save(eng.state_dict(), f"{tmp}/rank_{rank}.pt")
         resumed = None
         if case.get("resume"):
             eng2 = _engine(h, rank, case, lr, comm)
             with torch.no_grad():
-                eng2.shard.add_(1.0)  # loading must overwrite this
+                for u in eng2.units:
+                    u.shard.add_(1.0)  # loading must overwrite this
             eng2.load_state_dict(torch.load(f"{tmp}/rank_{rank}.pt", weights_only=False))
             resumed = [eng2.train_step([batch(step, rank)], loss_fn) for step in range(1, steps)]
         final = eng.full_parameters()
@@ -94,7 +93,8 @@ def run_cases(rank: int, world: int, hier_dims, cases, out_path: str, steps: int
                                 param_max_err=float((final - rp).abs().max()),
                                 sent_cluster=counts,
                                 expected=expected_bytes(case["scheme"], h, eng.N, 4, case["qw"], case["qg"], 32, 32),
-                                state=mem, N=eng.N, numel=eng.numel))
+                                state=mem, N=eng.N, numel=eng.numel, units=len(eng.units),
+                                peak_gathered=eng.peak_gathered_bytes))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -8,7 +8,7 @@ from tests.zeropp3._workers import run_cases
 
 CASES = [dict(scheme="zero3", qw=False, qg=False), dict(scheme="zeropp", qw=False, qg=False),
          dict(scheme="hier3", qw=False, qg=False), dict(scheme="hier3", qw=True, qg=True, resume=True),
-         dict(scheme="zeropp", qw=True, qg=True)]
+         dict(scheme="zeropp", qw=True, qg=True), dict(scheme="hier3", qw=False, qg=False, gather="model")]
 STEPS = 3
 
 
@@ -16,10 +16,14 @@ STEPS = 3
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("zpp")
     spawn(run_cases, 8, "gloo", args=((2, 2, 2), CASES, str(d / "out.json"), STEPS, 1e-2, str(d)))
-    return {(r["case"]["scheme"], r["case"]["qw"]): r for r in json.loads((d / "out.json").read_text())}
+    out = {}
+    for r in json.loads((d / "out.json").read_text()):
+        c = r["case"]
+        out[(c["scheme"] + ("/model" if c.get("gather") == "model" else ""), c["qw"])] = r
+    return out
 
 
-@pytest.mark.parametrize("scheme", ["zero3", "zeropp", "hier3"])
+@pytest.mark.parametrize("scheme", ["zero3", "zeropp", "hier3", "hier3/model"])
 def test_unquantized_equals_single_process_reference(results, scheme):
     r = results[(scheme, False)]
     assert r["losses"] == pytest.approx(r["ref_losses"], rel=1e-6, abs=1e-6)
@@ -28,7 +32,7 @@ def test_unquantized_equals_single_process_reference(results, scheme):
 
 
 @pytest.mark.parametrize("key", [(s, q) for s in ("zero3", "zeropp", "hier3") for q in (False, True)
-                                 if (s, q) != ("zero3", True)])
+                                 if (s, q) != ("zero3", True)] + [("hier3/model", False)])
 def test_bytes_per_level_equal_formulas(results, key):
     r = results[key]
     assert r["sent_cluster"] == [r["expected"][lv] for lv in ("subdevice", "device", "node")]
@@ -54,7 +58,11 @@ def test_memory_primary_and_secondary_partitions(results):
     for (scheme, _), r in results.items():
         M, st = r["N"] * 4, r["state"]
         assert st["primary"] == M / 8 and st["optimizer"] == 2 * M / 8 and st["full_resident"] == 0
-        assert st["secondary"] == {"zero3": 0, "zeropp": M / 4, "hier3": M / 2}[scheme]
+        assert st["secondary"] == {"zero3": 0, "zeropp": M / 4, "hier3": M / 2}[scheme.split("/")[0]]
+        if scheme.endswith("/model"):
+            assert r["units"] == 1 and r["peak_gathered"] == M
+        else:  # per layer: embeddings, 2 decoder layers, final norm, head; never the whole model at once
+            assert r["units"] == 5 and r["peak_gathered"] < 0.6 * M
 
 
 def test_quantized_close_to_reference_and_learning(results):

@@ -25,6 +25,7 @@ class Zeropp3Config:
     quantized_gradients: bool = True   # qgZ: block INT4 two-hop all-to-all gradient reduction
     weight_block: int = 64
     grad_block: int = 64
+    gather: str = "layer"              # layer: gather/reduce per decoder layer (ZeRO-3); model: all at once
     # --- cost model (mode=plan) ---
     plan_devices: List[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 384])
     plan_micro_batch: int = 2          # sequences per device per iteration
@@ -52,6 +53,8 @@ def check(cfg, node) -> None:
         raise UserError(f"unknown engine {node.engine!r}", key="technique.engine", choices=ENGINES)
     if node.scheme not in SCHEMES:
         raise UserError(f"unknown scheme {node.scheme!r}", key="technique.scheme", choices=SCHEMES)
+    if node.gather not in ("layer", "model"):
+        raise UserError(f"unknown gather unit {node.gather!r}", key="technique.gather", choices=["layer", "model"])
     for key in ("weight_block", "grad_block"):
         v = getattr(node, key)
         if v < 2 or v % 2:

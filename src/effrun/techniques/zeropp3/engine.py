@@ -11,13 +11,18 @@ Schemes (per iteration, M = model bytes, W ranks, k ranks per node, S sub-device
 qwZ: block INT8 weights in the all-gathers from primary shards. qgZ: block INT4 gradients in a
 two-hop all-to-all (inside the node, then across nodes, dequantise + sum + requantise between).
 
-Whole-model gather granularity: the full flat parameter buffer is materialised for forward,
-released (storage resized to 0), re-gathered for backward and released again; between steps a
-rank holds its primary shard, its optimizer states and (hpZ) its secondary shard.
+Gather units (`gather`): "layer" (default) makes every decoder layer and every other module that
+owns parameters (embeddings, final norm, head) a unit with its own flat buffer, gathered by a
+forward pre-hook, released by a forward hook, re-gathered by a backward pre-hook and reduced +
+released as soon as its gradients are accumulated (a rank holds about one layer's full weights at
+a time, as ZeRO-3 does); "model" gathers the whole model at once. A released buffer has its
+storage resized to 0 (autograd's saved views see it refilled before backward). Between steps a
+rank holds its primary shards, its optimizer states and (hpZ) its secondary shards.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -35,13 +40,64 @@ def padded_numel(numel: int, world: int, block: int) -> int:
     return int(math.ceil(numel / unit) * unit)
 
 
+class _Unit:
+    """Parameters gathered and reduced together: one flat buffer, padded to world x block."""
+
+    def __init__(self, params, world: int, rank: int, block: int):
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.N = padded_numel(self.numel, world, block)
+        self.chunk = self.N // world
+        self.full = torch.zeros(self.N, dtype=params[0].dtype)
+        off = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.full[off:off + n].copy_(p.data.reshape(-1))
+                p.data = self.full[off:off + n].view_as(p)
+                off += n
+        self.shard = torch.nn.Parameter(self.full[rank * self.chunk:(rank + 1) * self.chunk].clone())
+        self.secondary: Optional[torch.Tensor] = None
+        self.gsum = torch.zeros(self.chunk, dtype=torch.float32)
+        self.ready = 0       # parameters whose gradient is accumulated in this backward
+        self.reduced = False
+        self.last_grad: Optional[torch.Tensor] = None
+
+
+def _tied(model) -> bool:
+    ids = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+    return len(ids) != len(set(ids))
+
+
+def _units_of(model, params, by_layer: bool):
+    if not by_layer:
+        return [params]
+    wanted = {id(p) for p in params}
+    groups, taken = [], set()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList):
+            for child in mod:
+                ps = [p for p in child.parameters() if id(p) in wanted and id(p) not in taken]
+                if ps:
+                    groups.append((child, ps))
+                    taken.update(id(p) for p in ps)
+    for mod in model.modules():
+        ps = [p for p in mod.parameters(recurse=False) if id(p) in wanted and id(p) not in taken]
+        if ps:
+            groups.append((mod, ps))
+            taken.update(id(p) for p in ps)
+    order = {id(p): i for i, p in enumerate(params)}
+    groups.sort(key=lambda g: order[id(g[1][0])])
+    return groups
+
+
 class PartitionedEngine:
     def __init__(self, model, hier: Hierarchy, rank: int, scheme: str = "hier3",
                  quantized_weights: bool = False, quantized_gradients: bool = False,
                  weight_block: int = 64, grad_block: int = 64, lr: float = 1e-4,
                  weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
-                 comm: Optional[LevelComm] = None):
-        assert scheme in SCHEMES
+                 comm: Optional[LevelComm] = None, gather: str = "layer"):
+        assert scheme in SCHEMES and gather in ("layer", "model")
         self.model, self.h, self.rank, self.scheme = model, hier, rank, scheme
         self.qw, self.qg = quantized_weights, quantized_gradients
         self.wb, self.gb = weight_block, grad_block
@@ -51,94 +107,104 @@ class PartitionedEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params)
         block = math.lcm(weight_block, grad_block, 2)
-        self.N = padded_numel(self.numel, self.W, block)
+        self.by_layer = gather == "layer" and not _tied(model)  # tied weights: one unit
+        groups = _units_of(model, self.params, self.by_layer)
+        if self.by_layer:
+            self.units = [_Unit(ps, self.W, rank, block) for _, ps in groups]
+            self._hooks = []
+            for (mod, _), u in zip(groups, self.units):
+                self._hooks.append(mod.register_forward_pre_hook(lambda m, a, u=u: self.gather_for_forward(u)))
+                self._hooks.append(mod.register_forward_hook(lambda m, a, o, u=u: self.release(u)))
+                self._hooks.append(mod.register_full_backward_pre_hook(
+                    lambda m, g, u=u: self.gather_for_backward(u)))
+                for p in u.params:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, u=u: self._grad_ready(u)))
+        else:
+            self.units = [_Unit(groups[0], self.W, rank, block)]
+        self.N = sum(u.N for u in self.units)
         self.chunk = self.N // self.W
-        dtype = self.params[0].dtype
-        self.full = torch.zeros(self.N, dtype=dtype)
-        off = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                self.full[off:off + n].copy_(p.data.reshape(-1))
-                p.data = self.full[off:off + n].view_as(p)
-                off += n
-        # primary partition (global): rank r owns chunk r; fp32 master + optimizer states
-        self.shard = torch.nn.Parameter(self.full[rank * self.chunk:(rank + 1) * self.chunk].clone())
-        self.opt = torch.optim.AdamW([self.shard], lr=lr, weight_decay=weight_decay)
+        self.full = self.units[0].full  # for dtype / element size
+        self.opt = torch.optim.AdamW([u.shard for u in self.units], lr=lr, weight_decay=weight_decay)
         self.hpz_group = {"zero3": None, "zeropp": hier.node_group(rank), "hier3": hier.pair_group(rank)}[scheme]
-        self.secondary: Optional[torch.Tensor] = None
-        self._free()
+        for u in self.units:
+            self.release(u)
 
     # --- memory -------------------------------------------------------------------------------
-    def _free(self) -> None:
-        self.full.untyped_storage().resize_(0)
+    def release(self, u: _Unit) -> None:
+        u.full.untyped_storage().resize_(0)
 
-    def _alloc(self) -> None:
-        self.full.untyped_storage().resize_(self.N * self.full.element_size())
+    def _alloc(self, u: _Unit) -> None:
+        u.full.untyped_storage().resize_(u.N * u.full.element_size())
+        now = sum(x.full.untyped_storage().nbytes() for x in self.units)
+        self.peak_gathered_bytes = max(getattr(self, "peak_gathered_bytes", 0), now)
 
     def state_bytes(self) -> Dict[str, int]:
         """Bytes a rank holds between iterations (what partitioning is for)."""
-        e = self.shard.element_size()
         opt = sum(t.numel() * t.element_size() for st in self.opt.state.values()
                   for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
-        sec = 0 if self.secondary is None else self.secondary.numel() * self.secondary.element_size()
-        return {"primary": self.shard.numel() * e, "optimizer": opt, "secondary": sec,
-                "full_resident": self.full.untyped_storage().nbytes()}
+        return {"primary": sum(u.shard.numel() * u.shard.element_size() for u in self.units), "optimizer": opt,
+                "secondary": sum(0 if u.secondary is None else u.secondary.numel() * u.secondary.element_size()
+                                 for u in self.units),
+                "full_resident": sum(u.full.untyped_storage().nbytes() for u in self.units)}
 
     # --- weight gathers ------------------------------------------------------------------------
-    def _gather_from_primary(self, op: str, quantize: bool) -> None:
-        self._alloc()
+    def _gather_from_primary(self, u: _Unit, op: str, quantize: bool) -> None:
+        self._alloc(u)
         group = self.h.world_group()
-        out = self.full.view(self.W, self.chunk)
+        out = u.full.view(self.W, u.chunk)
         with torch.no_grad():
             if quantize:
-                nb = quant.payload_bytes(self.chunk, 8, self.wb)
+                nb = quant.payload_bytes(u.chunk, 8, self.wb)
                 buf = torch.empty(self.W, nb, dtype=torch.uint8)
-                buf[self.rank] = quant.quantize(self.shard.data, 8, self.wb)
+                buf[self.rank] = quant.quantize(u.shard.data, 8, self.wb)
                 self.comm.all_gather(buf, group, op)
                 for j in range(self.W):
-                    out[j] = quant.dequantize(buf[j], self.chunk, 8, self.wb, out.dtype)
+                    out[j] = quant.dequantize(buf[j], u.chunk, 8, self.wb, out.dtype)
             else:
-                out[self.rank] = self.shard.data
+                out[self.rank] = u.shard.data
                 self.comm.all_gather(out, group, op)
 
-    def gather_for_forward(self) -> None:
-        self._gather_from_primary("fwd_all_gather", self.qw)
+    def gather_for_forward(self, u: _Unit) -> None:
+        self._gather_from_primary(u, "fwd_all_gather", self.qw)
         if self.hpz_group is not None:
             k, pos = len(self.hpz_group), self.hpz_group.index(self.rank)
-            self.secondary = self.full.view(k, self.N // k)[pos].clone()
+            u.secondary = u.full.view(k, u.N // k)[pos].clone()
 
-    def gather_for_backward(self) -> None:
+    def gather_for_backward(self, u: _Unit) -> None:
         if self.hpz_group is None:
-            self._gather_from_primary("bwd_all_gather", self.qw)
+            self._gather_from_primary(u, "bwd_all_gather", self.qw)
             return
-        self._alloc()
+        self._alloc(u)
         k, pos = len(self.hpz_group), self.hpz_group.index(self.rank)
-        out = self.full.view(k, self.N // k)
+        out = u.full.view(k, u.N // k)
         with torch.no_grad():
-            out[pos] = self.secondary
+            out[pos] = u.secondary
             self.comm.all_gather(out, self.hpz_group, "bwd_all_gather_hpz")
 
-    def release(self) -> None:
-        self._free()
-
     # --- gradient reduction ----------------------------------------------------------------
-    def _flat_grad(self) -> torch.Tensor:
-        g = torch.zeros(self.N, dtype=torch.float32)
+    def _grad_ready(self, u: _Unit) -> None:
+        u.ready += 1
+        if u.ready == len(u.params):
+            self._reduce_unit(u)
+
+    def _reduce_unit(self, u: _Unit) -> None:
+        g = torch.zeros(u.N, dtype=torch.float32)
         off = 0
-        for p in self.params:
+        for p in u.params:
             n = p.numel()
             if p.grad is not None:
                 g[off:off + n] = p.grad.reshape(-1)
             p.grad = None
             off += n
-        return g
+        self.release(u)
+        u.gsum += self.reduce_gradients(g, u.chunk)
+        u.reduced = True
 
-    def reduce_gradients(self, g: torch.Tensor) -> torch.Tensor:
-        """Full flat gradient of this rank -> the SUM over ranks of chunk `rank`."""
-        h, c = self.h, self.chunk
+    def reduce_gradients(self, g: torch.Tensor, c: int) -> torch.Tensor:
+        """Full flat gradient of this rank -> the SUM over ranks of chunk `rank` (chunk size c)."""
+        h = self.h
         if self.qg:
-            return self._qgz(g)
+            return self._qgz(g, c)
         if self.scheme != "hier3":
             return self.comm.reduce_scatter(g.view(self.W, c), h.world_group(), "grad_reduce_scatter")
         # 3-level: sub-device -> device -> node, chunks permuted so rank r ends with chunk r
@@ -150,8 +216,8 @@ class PartitionedEngine:
                                      h.device_group(self.rank), "grad_rs_device")
         return self.comm.reduce_scatter(x.view(h.nodes, c), h.cross_node_group(self.rank), "grad_rs_node")
 
-    def _qgz(self, g: torch.Tensor) -> torch.Tensor:
-        h, c, b = self.h, self.chunk, self.gb
+    def _qgz(self, g: torch.Tensor, c: int) -> torch.Tensor:
+        h, b = self.h, self.gb
         k = h.per_node
         # hop 1 (inside the node): local rank j receives the slices of chunks {n*k + j}
         x = g.view(h.nodes, k, c).permute(1, 0, 2).reshape(k, -1)
@@ -169,26 +235,39 @@ class PartitionedEngine:
     def train_step(self, micro_batches, loss_fn) -> float:
         """micro_batches: list of (x, y); loss_fn(model, x, y) -> scalar loss (mean)."""
         ga = len(micro_batches)
-        gsum = torch.zeros(self.chunk, dtype=torch.float32)
+        for u in self.units:
+            u.gsum.zero_()
         loss_sum = 0.0
         for x, y in micro_batches:
-            self.gather_for_forward()
-            loss = loss_fn(self.model, x, y)
-            self.release()
-            self.gather_for_backward()
-            loss.backward()
-            self.release()
-            gsum += self.reduce_gradients(self._flat_grad())
+            for u in self.units:
+                u.ready, u.reduced = 0, False
+            if self.by_layer:
+                loss = loss_fn(self.model, x, y)
+                with warnings.catch_warnings():  # the embedding's input needs no gradient: expected
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+            else:
+                u = self.units[0]
+                self.gather_for_forward(u)
+                loss = loss_fn(self.model, x, y)
+                self.release(u)
+                self.gather_for_backward(u)
+                loss.backward()
+            for u in self.units:  # whole-model mode, or a unit whose parameters got no gradient
+                if not u.reduced:
+                    self._reduce_unit(u)
             loss_sum += float(loss.detach())
-        grad = gsum / (self.W * ga)
-        self.last_grad = grad.clone()  # mean gradient of this rank's chunk, before clipping
+        sq = torch.zeros(1, dtype=torch.float64)
+        for u in self.units:
+            u.last_grad = u.gsum / (self.W * ga)  # mean gradient of this rank's chunk, before clipping
+            sq += u.last_grad.double().pow(2).sum()
+        coef = 1.0
         if self.max_grad_norm:
-            sq = grad.double().pow(2).sum().reshape(1)
             if self.W > 1:
                 dist.all_reduce(sq)  # control scalar, not counted
             coef = min(1.0, self.max_grad_norm / (float(sq.sqrt()) + 1e-6))
-            grad = grad * coef
-        self.shard.grad = grad.to(self.shard.dtype)
+        for u in self.units:
+            u.shard.grad = (u.last_grad * coef).to(u.shard.dtype)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         loss_t = torch.tensor([loss_sum / ga], dtype=torch.float64)
@@ -197,35 +276,60 @@ class PartitionedEngine:
         return float(loss_t) / self.W
 
     # --- parameters and checkpoints --------------------------------------------------------
+    def _gather_flat(self, per_unit) -> torch.Tensor:
+        """Unpadded flat tensor in model.parameters() order from one chunk per unit (collective)."""
+        out = []
+        for u, t in zip(self.units, per_unit):
+            if self.W > 1:
+                parts = [torch.empty(u.chunk, dtype=t.dtype) for _ in range(self.W)]
+                dist.all_gather(parts, t.contiguous())
+                full = torch.cat(parts)
+            else:
+                full = t
+            out.append(full[:u.numel])
+        return torch.cat(out)
+
     def full_parameters(self) -> torch.Tensor:
-        """The unpadded flat master parameters (all-gathered; collective, not counted)."""
-        out = torch.empty(self.W, self.chunk, dtype=self.shard.dtype)
-        if self.W > 1:
-            parts = [torch.empty(self.chunk, dtype=self.shard.dtype) for _ in range(self.W)]
-            dist.all_gather(parts, self.shard.data.contiguous())
-            out = torch.stack(parts)
-        else:
-            out[0] = self.shard.data
-        return out.view(-1)[:self.numel]
+        """The unpadded flat master parameters (all-gathered; not counted)."""
+        return self._gather_flat([u.shard.data for u in self.units])
+
+    def full_gradient(self) -> torch.Tensor:
+        """The last step's mean gradient, unpadded and flat (all-gathered; not counted)."""
+        return self._gather_flat([u.last_grad for u in self.units])
 
     def load_full_into_model(self) -> None:
         """Materialise the master weights in the model (e.g. for export / evaluation)."""
-        flat = self.full_parameters()
-        self._alloc()
-        with torch.no_grad():
-            self.full[:self.numel] = flat
-            self.full[self.numel:] = 0
+        for u in self.units:
+            parts = self._gather_unit(u.shard.data, u)
+            self._alloc(u)
+            with torch.no_grad():
+                u.full.copy_(parts)
+
+    def _gather_unit(self, t, u) -> torch.Tensor:
+        if self.W == 1:
+            return t.clone()
+        parts = [torch.empty(u.chunk, dtype=t.dtype) for _ in range(self.W)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def detach_hooks(self) -> None:
+        for hk in getattr(self, "_hooks", []):
+            hk.remove()
+        self._hooks = []
 
     def state_dict(self) -> dict:
-        return {"shard": self.shard.data.clone(), "optimizer": self.opt.state_dict(),
-                "numel": self.numel, "N": self.N, "world": self.W, "scheme": self.scheme}
+        return {"shards": [u.shard.data.clone() for u in self.units], "optimizer": self.opt.state_dict(),
+                "numel": self.numel, "N": self.N, "world": self.W, "scheme": self.scheme,
+                "units": [u.N for u in self.units]}
 
     def load_state_dict(self, st: dict) -> None:
-        if st["N"] != self.N or st["world"] != self.W:
+        if st["N"] != self.N or st["world"] != self.W or st.get("units") != [u.N for u in self.units]:
             from effrun.errors import UserError
 
-            raise UserError(f"checkpoint was written by {st['world']} ranks (padded size {st['N']}); "
-                            f"this run has {self.W} ranks (padded size {self.N})", key="parallelism.world_size")
+            raise UserError(f"checkpoint was written by {st['world']} ranks (padded size {st['N']}, "
+                            f"{len(st.get('units', []))} units); this run has {self.W} ranks (padded size "
+                            f"{self.N}, {len(self.units)} units)", key="parallelism.world_size")
         with torch.no_grad():
-            self.shard.data.copy_(st["shard"])
+            for u, t in zip(self.units, st["shards"]):
+                u.shard.data.copy_(t)
         self.opt.load_state_dict(st["optimizer"])

@@ -76,7 +76,7 @@ class Zeropp3(Technique):
         eng = PartitionedEngine(model, h, rank, scheme=c.scheme, quantized_weights=c.quantized_weights,
                                 quantized_gradients=c.quantized_gradients, weight_block=c.weight_block,
                                 grad_block=c.grad_block, lr=run.lr, weight_decay=run.weight_decay,
-                                max_grad_norm=run.max_grad_norm, comm=comm)
+                                max_grad_norm=run.max_grad_norm, comm=comm, gather=c.gather)
         start = 0
         dirs = self._ckpt_dirs() if run.resume else []
         if dirs:
@@ -130,12 +130,17 @@ class Zeropp3(Technique):
         rec.set("projected/formula_state_bytes_secondary", M / k_hpz if k_hpz else 0)
         rec.set("measured/hpz_group_size", k_hpz)
         rec.set("measured/hierarchy", f"{h.nodes}x{h.devices}x{h.subdevices}")
+        rec.set("measured/gather_units", len(eng.units))
+        rec.set("measured/peak_gathered_bytes", getattr(eng, "peak_gathered_bytes", 0))
         if run.eval_at_end:
             from effrun.loops.train import evaluate
 
-            eng.load_full_into_model()
-            rec.set("measured/eval_loss", evaluate(exp, model))
-            eng.release()
+            if eng.by_layer:  # the forward hooks gather each layer
+                rec.set("measured/eval_loss", evaluate(exp, model))
+            else:
+                eng.load_full_into_model()
+                rec.set("measured/eval_loss", evaluate(exp, model))
+                eng.release(eng.units[0])
 
     # --- DeepSpeed engine -------------------------------------------------------------------
     def _train_deepspeed(self) -> None:
