@@ -18,7 +18,6 @@ No torch import at module level.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
