@@ -76,7 +76,7 @@ def run_micro_batch(model, index: PlanIndex, rank: int, mb: MicroBatch, seqs, n_
     """Forward + backward of one micro-batch; returns loss sum, tokens, compute and comm-wait seconds."""
     ids, labels, pos = assemble(mb, seqs)
     lay = index.layout(rank, mb)
-    wait0 = R.COMM["wait_s"]
+    wait0, wcpu0 = R.COMM["wait_s"], R.COMM["wait_cpu_s"]
     c0 = time.thread_time()
     t0 = time.perf_counter()
     ctx = offload if offload is not None else _null()
@@ -87,7 +87,8 @@ def run_micro_batch(model, index: PlanIndex, rank: int, mb: MicroBatch, seqs, n_
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    cpu = time.thread_time() - c0  # compute on this thread (gloo transfers run on its own threads)
+    # compute CPU time on this thread, less what it spent inside P2P waits
+    cpu = time.thread_time() - c0 - (R.COMM["wait_cpu_s"] - wcpu0)
     wait = R.COMM["wait_s"] - wait0
     return {"loss_sum": float(loss_sum.detach()), "tokens": int(labels.numel()), "wall_s": wall,
             "comm_wait_s": wait, "compute_s": wall - wait, "cpu_s": cpu}
@@ -192,10 +193,11 @@ def run_rank_step(model, plan: Plan, rank: int, seqs, device="cpu", offload_for=
 
 
 def features(plan: Plan, mb: MicroBatch) -> List[float]:
-    """What a micro-batch's compute time is fitted on: sum s^2/d, sum s/d, pieces, 1."""
+    """What a micro-batch's compute time is fitted on: sum s^2/d, sum s/d, pieces, ring steps, 1."""
     q = sum(plan.lengths[p.seq] ** 2 / len(p.ring) for p in mb.pieces)
     l = sum(plan.lengths[p.seq] / len(p.ring) for p in mb.pieces)
-    return [q, l, float(len(mb.pieces)), 1.0]
+    ring = sum(len(p.ring) - 1 for p in mb.pieces)
+    return [q, l, float(len(mb.pieces)), float(ring), 1.0]
 
 
 def fit_cost(records) -> Tuple[List[float], float]:

@@ -66,13 +66,14 @@ class Cost:
     b1: float = 0.0
     g: float = 0.0
     p: float = 0.0  # per-sequence overhead (kernel launches, Python) in a fitted model
+    r: float = 0.0  # per ring step of a distributed sequence (extra block launches), fitted
 
     def seq(self, s: float) -> float:
         return self.a1 * s * s + self.b1 * s + self.p
 
     def piece(self, s: int, d: int) -> float:
         # zigzag gives every one of the d ranks 1/d of the causal mask area and 1/d of the tokens
-        return (self.a1 * s * s + self.b1 * s) / d + self.p
+        return (self.a1 * s * s + self.b1 * s) / d + self.p + self.r * (d - 1)
 
     def max_len_for(self, budget: float) -> float:
         if budget <= 0:

@@ -180,6 +180,7 @@ class ByteScale(Technique):
                 if step >= run.warmup_steps or run.max_steps <= run.warmup_steps:
                     for k, v in vals.items():
                         stats[st].setdefault(k, []).append(v)
+                    stats[st].setdefault("rank_cpu", []).append([r["cpu_s"] for r in rows])
                     for r in rows:
                         fit_rows.extend(r["records"])
                 if st == c.strategy:
@@ -191,7 +192,7 @@ class ByteScale(Technique):
             if c.cost_source == "profile" and fit_rows:
                 coef, _ = E.fit_cost(fit_rows)  # same records on every rank -> the same plan everywhere
                 if coef[0] > 0 or coef[1] > 0:
-                    cost = P.Cost(a1=coef[0], b1=coef[1], p=coef[2], g=coef[3])
+                    cost = P.Cost(a1=coef[0], b1=coef[1], p=coef[2], r=coef[3], g=coef[4])
         rec.aggregate_steps()
         self._summarise(rec, strategies, stats, losses, fit_rows, max_rank_tokens, opts)
         if c.project and exp.is_main:
@@ -211,6 +212,9 @@ class ByteScale(Technique):
             for k in ("token_imbalance", "compute_imbalance", "compute_wall_imbalance", "predicted_imbalance",
                       "comm_wait_s"):
                 rec.set(f"{pre}/{k}", sum(s[k]) / len(s[k]))
+            rec.set(f"{pre}/compute_imbalance_median", statistics.median(s["compute_imbalance"]))
+            # per-rank CPU time summed over the timed steps (per-step noise on shared cores averages out)
+            rec.set(f"{pre}/compute_imbalance_pooled", P.imbalance([sum(x) for x in zip(*s["rank_cpu"])]))
             rec.set(f"{pre}/micro_batches_max", max(s["micro_batches_max"]))
             rec.set(f"{pre}/micro_batches_min", min(s["micro_batches_min"]))
             rec.set(f"{pre}/loss", losses[st][-1])
@@ -236,7 +240,8 @@ class ByteScale(Technique):
         # calibration: micro-batch CPU time fitted on (sum s^2/d, sum s/d, sequences, 1), all strategies
         if len(fit_rows) >= 6:
             coef, r2 = E.fit_cost(fit_rows)
-            for k, v in zip(("s_per_token2", "s_per_token", "s_per_sequence", "s_per_micro_batch"), coef):
+            for k, v in zip(("s_per_token2", "s_per_token", "s_per_sequence", "s_per_ring_step", "s_per_micro_batch"),
+                            coef):
                 rec.set(f"measured/cost_fit/{k}", v)
             rec.set("measured/cost_fit/r2", r2)
             fl = self._flops_cost()

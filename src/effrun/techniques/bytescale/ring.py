@@ -33,7 +33,7 @@ class Layout:
 
 
 _CURRENT: Optional[Layout] = None
-COMM = {"wait_s": 0.0, "bytes": 0, "messages": 0}
+COMM = {"wait_s": 0.0, "wait_cpu_s": 0.0, "bytes": 0, "messages": 0}
 
 
 @contextlib.contextmanager
@@ -50,11 +50,12 @@ def _exchange(send: torch.Tensor, dst: int, src: int, recv_shape) -> torch.Tenso
     import torch.distributed as dist
 
     buf = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     reqs = [dist.isend(send.contiguous(), dst), dist.irecv(buf, src)]
     for r in reqs:
         r.wait()
     COMM["wait_s"] += time.perf_counter() - t0
+    COMM["wait_cpu_s"] += time.thread_time() - c0
     COMM["bytes"] += send.numel() * send.element_size()
     COMM["messages"] += 1
     return buf
