@@ -175,6 +175,7 @@ def projection(args, out):
             row = {"topology": label, "tokens_per_device": tpd, "load_max_over_mean": loads,
                    "exflow_coherent_gain": key("exflow", "coherent") - 1, "exflow_standard_gain": key("exflow", "standard") - 1,
                    "moetuner_standard_gain": key("moetuner", "standard") - 1,
+                   "moetuner_coherent_gain": key("moetuner", "coherent") - 1,
                    "round_robin_coherent_gain": key("round_robin", "coherent") - 1,
                    "paper_moetuner_gain": PAPER["moetuner_gain"]["single_node" if topo.nodes == 1 else "multi_node"]}
             rows.append(row)
