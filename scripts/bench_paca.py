@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench_paca_"))
     results = {"config": vars(a), "runs": {}, "ratios": {}, "machine": os.uname().nodename,
                "loadavg_start": os.getloadavg()}
-    for mode in a.modes.split(","):
+    for mode in [m for m in a.modes.split(",") if m]:  # --modes "" with --maxseq: only the search
         for t in techs:
             name = f"{t}/{mode}"
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
