@@ -29,7 +29,24 @@ def techniques() -> Dict[str, TechniqueSpec]:
         if spec.name != ep.name:
             raise TypeError(f"entry point {ep.name} publishes a spec named {spec.name}")
         found[spec.name] = spec
+    if "none" not in found:  # effrun itself not installed as a distribution (e.g. PYTHONPATH=src)
+        found.update({k: v for k, v in _builtin_specs().items() if k not in found})
     return dict(sorted(found.items()))
+
+
+def _builtin_specs() -> Dict[str, TechniqueSpec]:
+    import importlib
+    import pkgutil
+
+    import effrun.techniques as pkg
+
+    out = {}
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.ispkg:
+            spec = getattr(importlib.import_module(f"{pkg.__name__}.{mod.name}"), "spec", None)
+            if isinstance(spec, TechniqueSpec):
+                out[spec.name] = spec
+    return out
 
 
 def get(name: str) -> TechniqueSpec:
