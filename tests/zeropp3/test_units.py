@@ -124,3 +124,24 @@ def test_bad_input_is_one_clear_error(overrides, key):
     with pytest.raises(UserError) as e:
         _cfg(*overrides)
     assert e.value.key == key and "\n" not in e.value.line()
+
+
+def test_single_rank_layer_units_equal_whole_model_and_tied_weights_fall_back():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effrun.techniques.zeropp3.engine import PartitionedEngine
+    from tests.zeropp3._workers import batch, loss_fn, reference, tiny_llama
+
+    ref_losses, _, ref_params = reference(1, 2, 1e-2, 1.0)
+    for gather, units in (("layer", 5), ("model", 1)):
+        eng = PartitionedEngine(tiny_llama(), Hierarchy(1, 1, 1), 0, scheme="hier3", lr=1e-2, max_grad_norm=1.0,
+                                weight_block=32, grad_block=32, gather=gather)
+        losses = [eng.train_step([batch(s, 0)], loss_fn) for s in range(2)]
+        assert len(eng.units) == units and losses == pytest.approx(ref_losses, rel=1e-6)
+        assert torch.allclose(eng.full_parameters(), ref_params, atol=1e-6)
+        assert eng.state_bytes()["full_resident"] == 0
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    eng = PartitionedEngine(tied, Hierarchy(1, 1, 1), 0, weight_block=32, grad_block=32)
+    assert len(eng.units) == 1  # a weight used by two modules cannot be released between them
+    assert eng.train_step([batch(0, 0)], loss_fn) > 0
