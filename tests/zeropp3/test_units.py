@@ -145,3 +145,23 @@ def test_single_rank_layer_units_equal_whole_model_and_tied_weights_fall_back():
     eng = PartitionedEngine(tied, Hierarchy(1, 1, 1), 0, weight_block=32, grad_block=32)
     assert len(eng.units) == 1  # a weight used by two modules cannot be released between them
     assert eng.train_step([batch(0, 0)], loss_fn) > 0
+
+
+def test_plan_in_process_calibrated_from_a_measured_run(tmp_path):
+    import json
+
+    from effrun.config.compose import compose_checked
+    from effrun.experiment import Experiment
+
+    measured = tmp_path / "gpu_summary.json"
+    measured.write_text(json.dumps({"measured/mfu": 0.3}))
+    cfg = compose_checked(["mode=plan", "+technique=zeropp3", "model=gpt-20b", "hardware=mi250x-gcd",
+                           "logger=quiet", "technique.plan_devices=[8,16,384]",
+                           f"technique.calibrate_from={measured}"])
+    s = Experiment(cfg, tmp_path / "run").run()
+    assert s["status"] == "completed" and s["projected/compute_efficiency"] == 0.3
+    assert s["projected/params"] == 20_256_509_952
+    assert s["projected/hier3_over_zeropp_tflops_at_384"] > 1.0 < s["projected/zeropp_over_zero3_tflops_at_384"]
+    assert (tmp_path / "run" / "zeropp3_projection.md").read_text().count("| hier3 |") == 3
+    assert (tmp_path / "run" / "plots" / "zeropp3_scaling.png").stat().st_size > 0
+    assert not any(k.startswith("measured/") for k in s)  # a projection measures nothing
