@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
@@ -10,12 +9,6 @@ import pytest
 from tests.slurm.conftest import TINY, finish, run_effrun, sacct_states, start_effrun, sweep_dir_of
 
 pytestmark = pytest.mark.slurm
-
-
-def _all_job_ids():
-    out = subprocess.run(["sacct", "-n", "-X", "-a", "-P", "-S", "now-1hours", "-o", "JobID"], capture_output=True,
-                         text=True, timeout=30).stdout
-    return set(out.split())
 
 
 def _summary(d):
@@ -29,22 +22,52 @@ def _losses(d):
 
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, tmp_path_factory):
-    """Submitted together (the partition lets two jobs share a CPU):
+    """Submitted together, in the background (the partition lets two jobs share a CPU):
     - a 3-point sweep: #0 runs through, #1 is preempted after step 2 (the USR2 that Slurm sends
       before a time limit) and requeued, #2 is killed after 2 steps (a hard failure);
-    - a 2-task job (parallelism=env, tasks_per_node=2)."""
+    - a 2-task job (parallelism=env, tasks_per_node=2), preempted after step 1 and requeued.
+    The short tests that take this fixture run while these jobs are in flight."""
     cwd, cwd2 = tmp_path_factory.mktemp("sweep"), tmp_path_factory.mktemp("tasks2")
     p1 = start_effrun(cwd, "-m", "train", *TINY, "run.max_steps=4", "run.crash_after_steps=null,null,2",
                       env={"EFFRUN_TEST_PREEMPT_AT_STEP": "2@1"})
-    p2 = start_effrun(cwd2, "-m", "train", *TINY, "run.max_steps=2", "parallelism=env",
-                      "parallelism.world_size=2", "hydra.launcher.tasks_per_node=2")
-    sweep = finish(p1)
-    return {"sweep": (cwd, sweep, sweep_dir_of(sweep)), "tasks2": finish(p2)}
+    p2 = start_effrun(cwd2, "-m", "train", *TINY, "run.max_steps=3", "parallelism=env",
+                      "parallelism.world_size=2", "hydra.launcher.tasks_per_node=2",
+                      env={"EFFRUN_TEST_PREEMPT_AT_STEP": "1"})
+    yield {"cwd": cwd, "sweep": p1, "tasks2": p2}
+    for p in (p1, p2):
+        if p.poll() is None:
+            p.kill()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def sweep(jobs):
-    return jobs["sweep"]
+    proc = finish(jobs["sweep"])
+    return jobs["cwd"], proc, sweep_dir_of(proc)
+
+
+@pytest.fixture(scope="module")
+def tasks2(jobs):
+    return finish(jobs["tasks2"])
+
+
+def test_request_larger_than_partition_fails_fast(jobs, tmp_path):
+    """(memory, GPUs, nodes, time limit: the same check, in test_slurm_units.py)"""
+    override, key = "hydra.launcher.cpus_per_task=64", "hydra.launcher.cpus_per_task"
+    t0 = time.time()
+    proc = run_effrun(tmp_path, "-m", "train", *TINY, "run.lr=1e-4,1e-3", override, timeout=60)
+    assert proc.returncode == 2 and time.time() - t0 < 60
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and key in err[0] and "partition 'debug'" in err[0], proc.stderr
+    # nothing was submitted: effrun creates the sweep dir (which holds submitit's folder) before sbatch
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_request_sbatch_refuses_is_one_line_exit_2(jobs, tmp_path):
+    proc = run_effrun(tmp_path, "-m", "train", *TINY, "run.lr=1e-4,1e-3", "hydra.launcher.constraint=nosuchfeature",
+                      timeout=60)
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(err) == 1 and "Slurm refused the jobs" in err[0] and "Invalid feature" in err[0], err
 
 
 def test_sweep_keeps_results_of_good_points_and_lists_the_failed_one(sweep):
@@ -96,8 +119,8 @@ def test_rerun_with_skip_completed_submits_only_the_failed_point(sweep):
     assert [p["status"] for p in summ["points"]] == ["completed", "completed", "failed"]
 
 
-def test_two_task_job_forms_a_gloo_group(jobs):
-    proc = jobs["tasks2"]
+def test_two_task_job_forms_a_gloo_group_and_resumes_after_requeue(tasks2):
+    proc = tasks2
     assert proc.returncode == 0, proc.stderr[-3000:]
     sdir = sweep_dir_of(proc)
     s = _summary(sdir / "0")
@@ -108,24 +131,7 @@ def test_two_task_job_forms_a_gloo_group(jobs):
     # one submitit task log per Slurm task, and each rank saw the job's 2 tasks
     logs = sorted(p.name for p in (sdir / ".submitit").rglob("*_log.out"))
     assert logs == [f"{job}_0_log.out", f"{job}_1_log.out"], logs
-
-
-@pytest.mark.parametrize("override, key", [("hydra.launcher.cpus_per_task=64", "hydra.launcher.cpus_per_task"),
-                                           ("hydra.launcher.mem_gb=4096", "hydra.launcher.mem_gb")])
-def test_request_larger_than_partition_fails_fast(slurm_cluster, tmp_path, override, key):
-    before = _all_job_ids()
-    t0 = time.time()
-    proc = run_effrun(tmp_path, "-m", "train", *TINY, "run.lr=1e-4,1e-3", override, timeout=60)
-    assert proc.returncode == 2 and time.time() - t0 < 60
-    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(err) == 1 and key in err[0] and "partition 'debug'" in err[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
-    assert _all_job_ids() == before  # nothing was submitted
-
-
-def test_request_sbatch_refuses_is_one_line_exit_2(slurm_cluster, tmp_path):
-    proc = run_effrun(tmp_path, "-m", "train", *TINY, "run.lr=1e-4,1e-3", "hydra.launcher.constraint=nosuchfeature",
-                      timeout=60)
-    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(err) == 1 and "Slurm refused the jobs" in err[0] and "Invalid feature" in err[0], err
+    # both ranks stopped at the same step boundary, rank 0 checkpointed, the job came back once
+    states = sacct_states(job)
+    assert any("REQUEUED" in l for l in states), states
+    assert s["measured/resumed_from_step"] == 1 and [r["step"] for r in rows] == [0, 1, 2]
