@@ -29,7 +29,7 @@ def jobs(slurm_cluster, tmp_path_factory):
     The short tests that take this fixture run while these jobs are in flight."""
     cwd, cwd2 = tmp_path_factory.mktemp("sweep"), tmp_path_factory.mktemp("tasks2")
     p1 = start_effrun(cwd, "-m", "train", *TINY, "run.max_steps=4", "run.crash_after_steps=null,null,2",
-                      env={"EFFRUN_TEST_PREEMPT_AT_STEP": "2@1"})
+                      "logger.wandb=true", env={"EFFRUN_TEST_PREEMPT_AT_STEP": "2@1"})  # wandb offline
     p2 = start_effrun(cwd2, "-m", "train", *TINY, "run.max_steps=3", "parallelism=env",
                       "parallelism.world_size=2", "hydra.launcher.tasks_per_node=2",
                       env={"EFFRUN_TEST_PREEMPT_AT_STEP": "1"})
@@ -96,7 +96,10 @@ def test_requeued_job_resumes_with_same_run_id_and_loss_sequence(sweep):
     states = sacct_states(job)
     assert any("REQUEUED" in l for l in states) and any("COMPLETED" in l for l in states), states
     assert s1["measured/resumed_from_step"] == 2 and s1["status"] == "completed"
-    assert (sdir / "1" / "run_id").read_text().strip() == s1["run_id"]  # kept -> same wandb id
+    assert (sdir / "1" / "run_id").read_text().strip() == s1["run_id"]
+    # both incarnations logged to the same wandb run (offline: one run dir each, same id)
+    wb = sorted(p.name for p in (sdir / "1" / "wandb").glob("offline-run-*"))
+    assert len(wb) == 2 and all(n.endswith("-" + s1["run_id"]) for n in wb), wb
     assert (sdir / "1" / "checkpoints" / "step_2.pt").exists()
     # the interrupted run ends with exactly the loss sequence of the uninterrupted one
     assert _losses(sdir / "1") == _losses(sdir / "0")
@@ -106,7 +109,8 @@ def test_requeued_job_resumes_with_same_run_id_and_loss_sequence(sweep):
 def test_rerun_with_skip_completed_submits_only_the_failed_point(sweep):
     cwd, first, sdir = sweep
     before = {i: (sdir / str(i) / "summary.json").read_bytes() for i in (0, 1)}
-    args = ["-m", "train", *TINY, "run.max_steps=4", "run.crash_after_steps=null,null,2", "run.skip_completed=true",
+    args = ["-m", "train", *TINY, "run.max_steps=4", "run.crash_after_steps=null,null,2", "logger.wandb=true",
+            "run.skip_completed=true",
             f"hydra.sweep.dir={sdir}"]
     dry = run_effrun(cwd, "--dry-run", *args)
     assert dry.returncode == 0 and "1 of 3 job(s) to submit; nothing submitted" in dry.stdout, dry.stdout
