@@ -125,8 +125,16 @@ def test_offload_solver_eq3():
     r, d = O.solve(32768, C, l, m, 1.0)  # no bandwidth: no offload
     assert r == 0.0 and d == 32
     # the planner uses D(s) for long sequences when offload is on
-    plan = P.make_plan("naive", [8192, 100, 300], 8, C, COST, ranks_for=O.ranks_for(C, l, m, 1e14))
-    assert plan.ranks_per_seq()[0] == 2
+    rf = O.ranks_for(C, l, m, 1e14)
+    assert rf(2000) == 1  # longer than C, but offloaded it fits one rank
+    for strategy in ("naive", "balance"):
+        plan = P.make_plan(strategy, [8192, 100, 300, 2000, 1500, 700], 8, C, COST, ranks_for=rf)
+        plan.check()
+        assert plan.ranks_per_seq()[0] == rf(8192) == 2
+        assert plan.ranks_per_seq()[3] == 1
+        for mbs in plan.ranks:  # an offloaded over-C sequence runs alone on its rank
+            for mb in mbs:
+                assert mb.tokens <= C or len(mb.pieces) == 1
 
 
 def test_projection_static_vs_hdp():

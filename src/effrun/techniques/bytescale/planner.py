@@ -248,7 +248,7 @@ def plan_naive(lengths: Sequence[int], world: int, capacity: int, cost: Cost,
         for i in items:
             s = lengths[i]
             d = ranks_for(s)
-            if d > 1:
+            if d > 1 or s > capacity:  # split over d ranks (or, offloaded, alone on one rank)
                 free = w.empty_ranks()
                 if len(free) >= d:
                     w.place_long(i, s, free[:d])
@@ -316,7 +316,7 @@ def _fill_one(w: "_Wave", pool: "_Pool", r: int, left: float, spent: Dict[int, f
     s, i = big
     d = ranks_for(s)
     has_short = bool(pool.items) and pool.items[0][0] <= capacity and ranks_for(pool.items[0][0]) == 1
-    if empty and d > 1 and (cost.piece(s, d) <= left or not has_short):
+    if empty and (d > 1 or s > capacity) and (cost.piece(s, d) <= left or not has_short):
         # a long sequence: r plus the d-1 emptiest ranks of the wave (then of the rest, lowest cost first)
         others = [x for x in ranks if x != r and not w.pieces[x]]
         if len(others) < d - 1:
