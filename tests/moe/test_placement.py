@@ -140,3 +140,18 @@ def test_traffic_fractions_and_projection():
     fi, fe = two["dispatch_intra"].mean(), two["dispatch_inter"].mean()
     assert a["comm_s"] == pytest.approx(2 * 100 * 2000 * (fi / 100e9 + fe / 10e9))
     assert a["compute_s"] == pytest.approx(100 * 2 * (4 * 1000 * 1000) / 1e15 + 100 * 2 * 3e6 / 1e15)
+
+
+def test_solver_timeout_errors_or_returns_best_so_far():
+    tr, _ = planted_trace(16, 8, 3000, 0.6, seed=2)
+    c = pair_counts(tr, 8)
+    with pytest.raises(UserError, match="no feasible placement within 0.001 s") as ei:
+        solve_partition(c, 8, Topology(4), 0.001, symmetry_breaking=False)
+    assert ei.value.key == "technique.time_limit_s"
+    hint = greedy(c, 8, Topology(4))
+    r = solve_partition(c, 8, Topology(4), 0.001, hint=hint, symmetry_breaking=False)
+    # either the solver improved on the warm start in 1 ms or it hands the warm start back, labelled
+    assert r.status in ("TIMEOUT_HINT", "FEASIBLE", "OPTIMAL")
+    if r.status == "TIMEOUT_HINT":
+        assert np.array_equal(r.placement, hint) and r.objective == placement_cost(hint, c, Topology(4))
+    check_balanced(r.placement, 4)
