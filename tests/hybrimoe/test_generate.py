@@ -104,3 +104,34 @@ def test_cpu_calibration_fits_a_positive_line():
     assert [n for n, _ in calib] == [1, 2, 4, 8, 16, 32] and all(t > 0 for _, t in calib)
     a, b = fit_cpu(calib)
     assert a >= 0 and b >= 0 and a + b > 0
+
+
+@pytest.mark.parametrize("policy", ["hybrimoe", "ktransformers", "ondemand_lru", "all_cpu"])
+def test_hybrid_executor_bookkeeping_on_cpu(policy):
+    """The real-execution path (GPU cache slots, host weights, HSS split, prefetch) with the
+    'GPU' being this CPU: same greedy tokens, cache within capacity, every expert run once."""
+    from effrun.techniques.hybrimoe.cuda_exec import HybridExecutor
+
+    ref_model, hf = _model("mixtral-tiny")
+    ids = torch.tensor([list(b"To be, or not to be")])
+    ref = greedy_generate(ref_model, ids, 5)[0][0].tolist()
+    model, _ = _model("mixtral-tiny")
+    shape = moe_shape(hf)
+    costs = _costs(shape)
+    costs.cpu_exp = costs.gpu_exp * 3          # make the split interesting: some CPU, some GPU, loads
+    static = {l: [0, 1] for l in shape.moe_layers}
+    ex = HybridExecutor(model, "cpu", costs, policy=policy, cache_ratio=0.25, static=static).attach()
+    got = greedy_generate(model, ids, 5)[0][0].tolist()
+    assert got == ref
+    st = ex.stats
+    assert st["gpu_experts"] + st["cpu_experts"] == st["activations"] > 0
+    assert all(len(ex.slots[l]) <= ex.C == 2 for l in ex.layers)
+    assert all(set(ex.slots[l]) == set(ex.cache.resident[l]) for l in ex.layers)
+    if policy == "all_cpu":
+        assert st["gpu_experts"] == st["transfers"] == 0
+    if policy == "ktransformers":
+        assert st["transfers"] == 0 and all(set(ex.slots[l]) == {0, 1} for l in ex.layers)
+    if policy == "ondemand_lru":
+        assert st["cpu_experts"] == 0
+    if policy == "hybrimoe":   # with these costs HSS mixes all three paths
+        assert st["transfers"] > 0 and st["cpu_experts"] > 0 and st["prefetches"] > 0

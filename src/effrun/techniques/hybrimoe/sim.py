@@ -82,6 +82,43 @@ def capacity_of(ratio: float, experts: int) -> int:
     return max(1, min(experts, int(round(ratio * experts))))
 
 
+def impact_prefetch(pcounts: Dict[int, int], resident: Dict[int, float], costs, t0n: float, start: float,
+                    budget: float, max_cands: int) -> List[Tuple[int, float]]:
+    """Greedy impact-driven choice of experts to prefetch for the next layer.
+
+    pcounts: predicted token counts of the next layer (its gate applied to this layer's input);
+    resident: its cached experts -> ready time; t0n: when that layer is predicted to start;
+    start: when the link is free. Each candidate's impact is the drop of the next layer's HSS
+    makespan when it arrives at its real time (transfers are sequential, so later picks arrive
+    later and also delay that layer's on-demand loads). Takes the best positive-impact candidate
+    until none helps or the next transfer would exceed `budget` seconds of link time.
+    Returns [(expert, arrival time)].
+    """
+    resident = dict(resident)
+    cands = sorted(pcounts, key=lambda e: (-pcounts[e], e))[:max_cands]
+    cur = hss(pcounts, resident, costs, t0n, start).makespan_end
+    chosen: List[Tuple[int, float]] = []
+    while True:
+        arrive = start + (len(chosen) + 1) * costs.xfer
+        if arrive - start > budget + 1e-12:
+            break
+        best, best_m = None, cur
+        for e in cands:
+            if e in resident:
+                continue
+            r2 = dict(resident)
+            r2[e] = arrive
+            m = hss(pcounts, r2, costs, t0n, arrive).makespan_end
+            if m < best_m - 1e-12:
+                best, best_m = e, m
+        if best is None:
+            break
+        chosen.append((best, arrive))
+        resident[best] = arrive
+        cur = best_m
+    return chosen
+
+
 class Simulator:
     def __init__(self, policy: str, shape, costs, *, cache_ratio: float, cache_policy: str = "mrs",
                  mrs_alpha: float = 0.5, mrs_top_p: int = 0, prefetch: bool = True,
@@ -139,10 +176,7 @@ class Simulator:
         return hss(counts, ready, c, t0, self.link_free, events=ev)
 
     def _do_prefetch(self, l: int, nl: int, pred: Sequence[int], t0: float, end: float, n: int) -> None:
-        """Impact-driven prefetch for the next MoE layer `nl`: each candidate's effect on that
-        layer's HSS schedule is simulated with its real arrival time (the link is sequential);
-        the best positive-impact candidate is taken until none helps or the budget is spent.
-        Budget: link time from when it is free to the predicted end of layer `nl` without prefetch."""
+        """Impact-driven prefetch for the next MoE layer `nl` (see `impact_prefetch`)."""
         c = self.costs
         pcounts = {e: k for e, k in enumerate(pred) if k > 0}
         if not pcounts or c.xfer <= 0:
@@ -150,43 +184,25 @@ class Simulator:
         start = max(self.link_free, t0)
         t0n = end + c.dense(n)                       # predicted start of layer nl
         resident = dict(self.cache.ready(nl))
-        cur = hss(pcounts, resident, c, t0n, start).makespan_end
-        budget = max(0.0, cur - start)
-        chosen: List[int] = []
-        # candidates: the most-predicted experts (prefill routes to nearly all of them)
-        cands = sorted(pcounts, key=lambda e: (-pcounts[e], e))[:2 * self.shape.top_k]
-        while True:
-            arrive = start + (len(chosen) + 1) * c.xfer
-            if arrive - start > budget + 1e-12:
+        budget = max(0.0, hss(pcounts, resident, c, t0n, start).makespan_end - start)
+        chosen = impact_prefetch(pcounts, resident, c, t0n, start, budget, 2 * self.shape.top_k)
+        done = 0
+        for e, arrive in chosen:
+            protect = set(pcounts) | {x for x, r in self.cache.ready(nl).items() if r > t0}
+            if not self.cache.insert(nl, e, arrive, protect=protect):
                 break
-            best, best_m = None, cur
-            for e in cands:
-                if e in resident:
-                    continue
-                r2 = dict(resident)
-                r2[e] = arrive
-                m = hss(pcounts, r2, c, t0n, arrive).makespan_end
-                if m < best_m - 1e-12:
-                    best, best_m = e, m
-            if best is None:
-                break
-            protect = set(pcounts) | {e for e, r in resident.items() if r > t0}
-            if not self.cache.insert(nl, best, arrive, protect=protect):
-                break
-            chosen.append(best)
-            self._prefetched[(nl, best)] = True
-            resident = dict(self.cache.ready(nl))
-            cur = best_m
+            done += 1
+            self._prefetched[(nl, e)] = True
             if self.forward_index in self.record_events:
                 self.stats.events.setdefault(self.forward_index, []).append(
-                    (l, "link", f"prefetch L{nl}E{best}", arrive - c.xfer, arrive))
-        used = len(chosen) * c.xfer
+                    (l, "link", f"prefetch L{nl}E{e}", arrive - c.xfer, arrive))
+        used = done * c.xfer
         if used > budget + 1e-12:
             self.stats.prefetch_budget_violations += 1
-        self.prefetch_log.append((budget, used, len(chosen)))
-        if chosen:
+        self.prefetch_log.append((budget, used, done))
+        if done:
             self.link_free = start + used
-            self.stats.prefetch_transfers += len(chosen)
+            self.stats.prefetch_transfers += done
             self.stats.link_busy_s += used
 
     # --- one forward ---------------------------------------------------------------------------
