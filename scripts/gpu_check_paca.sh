@@ -30,6 +30,40 @@ else
   ARGS=(--model llama-tiny --data synthetic --seq 128 --batch 2 --steps 3 --warmup 1 --modes eager
         --maxseq --maxseq-limit 512 --timeout 300)
 fi
+# QPaCA (pure-torch NF4/int8) on this device: trains, grads of the op vs a dense reference, merge
+timeout 120 $PY - "$OUT/paca_qpaca.json" <<'PYEOF' || echo "qpaca check failed" >&2
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from effrun.techniques.paca.plugin import QPacaLinear, apply_paca, merge_paca
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+out = {"device": dev}
+for mode in ("nf4", "int8"):
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).to(dev)
+    apply_paca(m, 16, 32.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0, mode)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    x = torch.randint(0, 256, (4, 65), device=dev)
+    losses = []
+    for _ in range(10):
+        loss = m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward(); opt.step(); opt.zero_grad(); losses.append(float(loss))
+    lin = torch.nn.Linear(64, 32, dtype=torch.float64, device=dev)
+    q = QPacaLinear(lin, torch.arange(0, 64, 8, device=dev), 2.0, mode, 64, True)
+    W = q.dequantized_weight().detach()
+    xi = torch.randn(3, 64, dtype=torch.float64, device=dev, requires_grad=True)
+    q(xi).sum().backward()
+    gx_ref = torch.ones(3, 32, dtype=torch.float64, device=dev) @ W
+    with torch.no_grad():
+        ref = m(input_ids=x[:, :-1]).logits
+        merge_paca(m)
+        merged = m(input_ids=x[:, :-1]).logits
+    out[mode] = {"loss_first": losses[0], "loss_last": losses[-1], "loss_decreased": losses[-1] < losses[0],
+                 "input_grad_max_err": float((xi.grad - gx_ref).abs().max()),
+                 "merge_max_abs_diff": float((merged - ref).abs().max())}
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(out))
+PYEOF
 timeout 280 $PY scripts/bench_paca.py "${ARGS[@]}" --out "$OUT/paca.json"
 $PY - "$OUT/paca.json" <<'PYEOF'
 import json, sys
