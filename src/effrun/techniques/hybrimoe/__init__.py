@@ -44,7 +44,8 @@ class HybrimoeConfig:
     gpu_efficiency: float = 0.6
     gpu_launch_us: float = 10.0
     link_efficiency: float = 0.8
-    calibrate_tokens: int = 2           # warm-up decode steps whose expert times fit the CPU cost
+    calibrate_tokens: int = 2           # warm-up decode steps before the CPU cost calibration
+    calibrate_max_s: float = 4.0        # time cap of the CPU expert-cost calibration
     # plan mode (shape-only models): synthetic routing
     prompt_len: int = 128
     decode_tokens: int = 32

@@ -142,7 +142,8 @@ class Hybrimoe(Technique):
         # warm-up run: calibrates the CPU cost per expert (a + b * tokens) on this machine
         with torch.no_grad():
             greedy_generate(model, ids, max(1, c.calibrate_tokens))   # warm-up (lazy inits)
-        calib, passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype)
+        calib, passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype,
+                                              max_s=c.calibrate_max_s)
         fit = fit_cpu(calib)
         use_measured = c.cpu_costs in ("auto", "measured")
         costs = self.costs(fit if use_measured else None)
