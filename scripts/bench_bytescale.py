@@ -41,7 +41,7 @@ def measure(dist: str, steps: int, tokens: int, out_root: Path, extra) -> dict:
            "parallelism=ddp4", "data=shakespeare", "logger=quiet", "technique.project=false",
            f"technique.distribution={dist}", f"technique.tokens_per_step={tokens}", "technique.capacity=1024",
            "technique.max_len=4096", "technique.min_len=64", "technique.baselines=[static,naive]",
-           f"run.max_steps={steps}", "run.warmup_steps=1", *extra]
+           f"run.max_steps={steps}", "run.warmup_steps=2", *extra]
     t0 = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
@@ -68,7 +68,11 @@ def print_measured(dist: str, s: dict) -> None:
               f"{s[f'{k}/predicted_imbalance']:8.3f} {s[f'{k}/micro_batches_min']:>4}-{s[f'{k}/micro_batches_max']:<5} "
               f"{s[f'{k}/comm_wait_s']:9.2f}")
     print(f"loss agreement across strategies (max |diff|): {s.get('measured/loss_max_abs_diff_vs_baselines')}")
-    print(f"cost model vs measured per-rank CPU time: r2={s.get('measured/cost_fit/r2')}")
+    print(f"cost model vs measured micro-batch CPU time: r2={s.get('measured/cost_fit/r2')} "
+          f"(FLOPs alone: {s.get('measured/cost_fit/r2_flops_only')})")
+    print("CPU-time imbalance, median / pooled over timed steps: " + ", ".join(
+        f"{st} {s.get(f'measured/{st}/compute_imbalance_median', float('nan')):.3f} / "
+        f"{s.get(f'measured/{st}/compute_imbalance_pooled', float('nan')):.3f}" for st in ("balance", "naive", "static")))
 
 
 def project(models, hardware, contexts, dists, gpus, tokens, batches) -> list:
@@ -114,7 +118,7 @@ def main() -> None:
     ap.add_argument("--no-measure", action="store_true")
     ap.add_argument("--no-project", action="store_true")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("extra", nargs="*", help="more effrun overrides for the measured runs")

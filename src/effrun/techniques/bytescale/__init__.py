@@ -84,9 +84,7 @@ def check(cfg, node) -> None:
     longest = max(node.fixed_lengths) if node.distribution == "fixed" and node.fixed_lengths else node.max_len
     if node.distribution == "fixed" and not node.fixed_lengths:
         raise UserError("distribution=fixed needs technique.fixed_lengths", key="technique.fixed_lengths")
-    wants_cp = longest > node.capacity or node.static_cp > 1 or (
-        "static" in [node.strategy, *node.baselines] and node.static_cp == 0 and longest > node.capacity)
-    if world == 1 and wants_cp:
+    if world == 1 and (longest > node.capacity or node.static_cp > 1):
         raise UserError(f"world_size=1 but context parallelism is needed: the longest sequence ({longest} "
                         f"tokens) exceeds capacity C={node.capacity} (or static_cp={node.static_cp} > 1); "
                         f"use parallelism=ddp4 or raise technique.capacity", key="parallelism.world_size")

@@ -193,11 +193,13 @@ def run_rank_step(model, plan: Plan, rank: int, seqs, device="cpu", offload_for=
 
 
 def features(plan: Plan, mb: MicroBatch) -> List[float]:
-    """What a micro-batch's compute time is fitted on: sum s^2/d, sum s/d, pieces, ring steps, 1."""
-    q = sum(plan.lengths[p.seq] ** 2 / len(p.ring) for p in mb.pieces)
+    """What a micro-batch's compute time is fitted on: sum s^2 (local), sum s^2/d (ring), sum s/d,
+    pieces, ring steps, 1. Local (SDPA) and ring (blockwise) attention get their own s^2 terms."""
+    q = sum(plan.lengths[p.seq] ** 2 for p in mb.pieces if len(p.ring) == 1)
+    qr = sum(plan.lengths[p.seq] ** 2 / len(p.ring) for p in mb.pieces if len(p.ring) > 1)
     l = sum(plan.lengths[p.seq] / len(p.ring) for p in mb.pieces)
     ring = sum(len(p.ring) - 1 for p in mb.pieces)
-    return [q, l, float(len(mb.pieces)), float(ring), 1.0]
+    return [q, qr, l, float(len(mb.pieces)), float(ring), 1.0]
 
 
 def fit_cost(records) -> Tuple[List[float], float]:

@@ -67,13 +67,17 @@ class Cost:
     g: float = 0.0
     p: float = 0.0  # per-sequence overhead (kernel launches, Python) in a fitted model
     r: float = 0.0  # per ring step of a distributed sequence (extra block launches), fitted
+    a1_ring: Optional[float] = None  # quadratic term of ring (blockwise) attention; None -> a1
 
     def seq(self, s: float) -> float:
         return self.a1 * s * s + self.b1 * s + self.p
 
     def piece(self, s: int, d: int) -> float:
         # zigzag gives every one of the d ranks 1/d of the causal mask area and 1/d of the tokens
-        return (self.a1 * s * s + self.b1 * s) / d + self.p + self.r * (d - 1)
+        if d == 1:
+            return self.seq(s)
+        a = self.a1 if self.a1_ring is None else self.a1_ring
+        return (a * s * s + self.b1 * s) / d + self.p + self.r * (d - 1)
 
     def max_len_for(self, budget: float) -> float:
         if budget <= 0:

@@ -181,6 +181,7 @@ class ByteScale(Technique):
                     for k, v in vals.items():
                         stats[st].setdefault(k, []).append(v)
                     stats[st].setdefault("rank_cpu", []).append([r["cpu_s"] for r in rows])
+                if step >= min(1, run.warmup_steps) or run.max_steps == 1:  # calibration skips only step 0
                     for r in rows:
                         fit_rows.extend(r["records"])
                 if st == c.strategy:
@@ -191,8 +192,8 @@ class ByteScale(Technique):
             rec.log_step(step, **row)
             if c.cost_source == "profile" and fit_rows:
                 coef, _ = E.fit_cost(fit_rows)  # same records on every rank -> the same plan everywhere
-                if coef[0] > 0 or coef[1] > 0:
-                    cost = P.Cost(a1=coef[0], b1=coef[1], p=coef[2], r=coef[3], g=coef[4])
+                if coef[0] > 0 or coef[2] > 0:
+                    cost = P.Cost(a1=coef[0], a1_ring=coef[1], b1=coef[2], p=coef[3], r=coef[4], g=coef[5])
         rec.aggregate_steps()
         self._summarise(rec, strategies, stats, losses, fit_rows, max_rank_tokens, opts)
         if c.project and exp.is_main:
@@ -240,12 +241,12 @@ class ByteScale(Technique):
         # calibration: micro-batch CPU time fitted on (sum s^2/d, sum s/d, sequences, 1), all strategies
         if len(fit_rows) >= 6:
             coef, r2 = E.fit_cost(fit_rows)
-            for k, v in zip(("s_per_token2", "s_per_token", "s_per_sequence", "s_per_ring_step", "s_per_micro_batch"),
-                            coef):
+            for k, v in zip(("s_per_token2_local", "s_per_token2_ring", "s_per_token", "s_per_sequence",
+                             "s_per_ring_step", "s_per_micro_batch"), coef):
                 rec.set(f"measured/cost_fit/{k}", v)
             rec.set("measured/cost_fit/r2", r2)
             fl = self._flops_cost()
-            _, r2f = E.fit_cost([([fl.a1 * f[0] + fl.b1 * f[1]], t) for f, t in fit_rows])
+            _, r2f = E.fit_cost([([fl.a1 * (f[0] + f[1]) + fl.b1 * f[2]], t) for f, t in fit_rows])
             rec.set("measured/cost_fit/r2_flops_only", r2f)
             rec.set("measured/cost_fit/micro_batches", len(fit_rows))
 
