@@ -128,7 +128,8 @@ def _linked_hardware() -> List[str]:
 
 spec = TechniqueSpec(name="hybrimoe", config=HybrimoeConfig, plugin="effrun.techniques.hybrimoe.plugin:Hybrimoe",
                      modes=("infer", "plan"), owns_loop=("infer", "plan"), hardware="project", check=check,
-                     smoke_overrides={"infer": ("model=mixtral-tiny", "hardware=rtx-a6000", "run.max_new_tokens=3"),
-                                      "plan": ("model=mixtral-8x7b", "hardware=rtx-a6000",
-                                               "technique.decode_tokens=4", "technique.prompt_len=16")},
+                     smoke_overrides={"infer": ("model=mixtral-tiny", "hardware=rtx-a6000", "run.max_new_tokens=3",
+                                                "run.threads=1", "technique.calibrate_max_s=1", "technique.plot=false"),
+                                      "plan": ("model=mixtral-8x7b", "hardware=rtx-a6000", "technique.plot=false",
+                                               "technique.decode_tokens=4", "technique.prompt_len=8")},
                      description="HybriMoE hybrid CPU-GPU MoE inference (HSS, impact prefetch, MRS cache)")

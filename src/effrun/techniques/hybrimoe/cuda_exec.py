@@ -89,6 +89,8 @@ class HybridExecutor:
         gu, dn = self.host[l]
         bgu, bdn = self.buf[l]
         if self.cuda:
+            # the slot may still be read by kernels queued on the compute stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.copy_stream):
                 bgu[slot].copy_(gu[e], non_blocking=True)
                 bdn[slot].copy_(dn[e], non_blocking=True)
@@ -241,6 +243,7 @@ def run_real(plugin) -> None:
         from effrun.loops.infer import greedy_generate
 
         greedy_generate(model, ids, 2)  # warm-up
+        ex.stats = {k: 0 for k in ex.stats}
         toks, times = greedy_generate(model, ids, run.max_new_tokens)
         tokens[pol] = toks[0].tolist()
         dec = times[1:]
