@@ -404,10 +404,15 @@ def exflow_place(experts: np.ndarray, E: int, topo: Topology, time_limit_s: floa
     load = expert_load(e, E) if load_tolerance is not None else None
     history = []
 
+    deadline = t0 + time_limit_s
+    left = [len(prefixes) * ((D - 1) if bipartition else 1)]  # solves still to run
+
     def incremental(topo_, items, budget, hint):
-        per = budget / len(prefixes)
         res = None
         for n in prefixes:
+            # share what is left of the wall-clock limit; 0.8 leaves room for building each model
+            per = max(0.2, 0.8 * (deadline - time.perf_counter()) / max(1, left[0]))
+            left[0] -= 1
             c = pair_counts(e[:n], E)
             if hint is None:
                 hint = greedy(c, E, topo_) if items is None else None
