@@ -135,3 +135,28 @@ def test_hybrid_executor_bookkeeping_on_cpu(policy):
         assert st["cpu_experts"] == 0
     if policy == "hybrimoe":   # with these costs HSS mixes all three paths
         assert st["transfers"] > 0 and st["cpu_experts"] > 0 and st["prefetches"] > 0
+
+
+def test_real_execution_loop_runs_without_a_gpu(tmp_path):
+    """run_real (the CUDA path of `effrun infer`) end to end with dev='cpu': all policies measured,
+    tokens of every policy equal, summary keys measured/."""
+    from effrun.config.compose import compose_checked
+    from effrun.experiment import Experiment
+    from effrun.techniques.hybrimoe.cuda_exec import run_real
+
+    cfg = compose_checked(["mode=infer", "+technique=hybrimoe", "model=mixtral-tiny", "hardware=rtx-a6000",
+                           "run.max_new_tokens=4", "logger=quiet", "technique.calibrate_max_s=0.5",
+                           "technique.compare=[ktransformers,ondemand_lru,all_cpu]"])
+    exp = Experiment(cfg, tmp_path)
+    exp.run_id = "t"
+    plugin = exp.techniques[0]
+    plugin.validate()
+    run_real(plugin, dev="cpu")
+    s = exp.recorder.summary
+    for pol in ("hybrimoe", "ktransformers", "ondemand_lru", "all_cpu"):
+        assert s[f"measured/{pol}/decode_tokens_per_s"] > 0
+        assert s[f"measured/{pol}/gpu_experts"] + s[f"measured/{pol}/cpu_experts"] == s[f"measured/{pol}/activations"]
+    assert s["measured/tokens_match_fraction"] == 1.0
+    assert s["measured/all_cpu/gpu_experts"] == 0 and s["measured/ktransformers/transfers"] == 0
+    assert len(exp.summary["generated_ids"]) == 4
+    exp.recorder.close()

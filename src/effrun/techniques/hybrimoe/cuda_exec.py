@@ -209,16 +209,16 @@ class HybridExecutor:
             self.stats["prefetches"] += 1
 
 
-def run_real(plugin) -> None:
+def run_real(plugin, dev: str = "cuda") -> None:
     """`effrun infer +technique=hybrimoe` on a machine with CUDA: real hybrid execution, with the
-    baselines measured the same way, one after the other on the same prompt."""
+    baselines measured the same way, one after the other on the same prompt (dev="cpu" runs the
+    same code without a GPU, for tests)."""
     from effrun.models import build_model
     from effrun.techniques.hybrimoe.capture import calibrate_cpu_stable
     from effrun.techniques.hybrimoe.costs import fit_cpu
     from effrun.techniques.hybrimoe.sim import static_sets
 
     exp, c, run = plugin.exp, plugin.cfg, plugin.exp.cfg.run
-    dev = "cuda"
     rec = exp.start_recorder(run.max_new_tokens, title=f"infer hybrimoe (real) {exp.cfg.model.name}")
     ids_list = exp.tokenizer.encode(run.prompt)
     results, tokens = {}, {}
@@ -228,6 +228,7 @@ def run_real(plugin) -> None:
                                     dtype=ref_model.dtype)
     costs = plugin.costs(fit_cpu(calib))
     costs.xfer, costs.gpu_exp = _measure_gpu(ref_model, dev)
+    del ref_model
     rec.set("measured/cost/xfer_s", costs.xfer)
     rec.set("measured/cost/gpu_exp_s", costs.gpu_exp)
     rec.set("measured/cost/cpu_exp_s", costs.cpu_exp)
@@ -254,7 +255,8 @@ def run_real(plugin) -> None:
             for i, dt in enumerate(times):
                 rec.log_step(i, token_time_s=dt, tokens=1)
         del model, ex
-        torch.cuda.empty_cache()
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
     for pol, r in results.items():
         for k, v in r.items():
             rec.set(f"measured/{pol}/{k}", v)
@@ -271,26 +273,30 @@ def run_real(plugin) -> None:
 
 def _measure_gpu(model, dev):
     """(seconds per expert host->GPU copy, seconds per one-token GPU expert call), measured."""
+    cuda = dev.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     ex = find_moe_blocks(model)[0][1].experts
-    gu, dn = ex.gate_up_proj.data.to("cpu").pin_memory(), ex.down_proj.data.to("cpu").pin_memory()
+    gu, dn = ex.gate_up_proj.data.to("cpu"), ex.down_proj.data.to("cpu")
+    if cuda:
+        gu, dn = gu.pin_memory(), dn.pin_memory()
     bgu, bdn = torch.empty_like(gu[0], device=dev), torch.empty_like(dn[0], device=dev)
     x = torch.randn(1, gu.shape[-1], device=dev, dtype=gu.dtype)
     for _ in range(3):
         bgu.copy_(gu[0], non_blocking=True)
         bdn.copy_(dn[0], non_blocking=True)
         _ffn(x, bgu, bdn, ex.act_fn)
-    torch.cuda.synchronize()
+    sync()
     n = 20
     t0 = time.perf_counter()
     for i in range(n):
         bgu.copy_(gu[i % gu.shape[0]], non_blocking=True)
         bdn.copy_(dn[i % dn.shape[0]], non_blocking=True)
-    torch.cuda.synchronize()
+    sync()
     xfer = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()
     for _ in range(n):
         _ffn(x, bgu, bdn, ex.act_fn)
-    torch.cuda.synchronize()
+    sync()
     return xfer, (time.perf_counter() - t0) / n
 
 
