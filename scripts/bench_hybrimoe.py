@@ -12,7 +12,7 @@ and the measured overhead of the hooks on this CPU. Prints tables, writes a JSON
 3. Measured here: greedy decode tokens/s of a tiny trained MoE with and without the HybriMoE
    hooks (every expert on this CPU), same tokens.
 
-Usage: .venv/bin/python scripts/bench_hybrimoe.py [--quick] [--out bench_hybrimoe.json]
+Usage: .venv/bin/python scripts/bench_hybrimoe.py [--quick] [--out outputs/bench_hybrimoe.json]
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import os
 import time
 from pathlib import Path
 
-CKPTS = ["~/.cache/effrun/hybrimoe-moe32-long/ckpt-01500", "~/.cache/effrun/hybrimoe-moe32/ckpt-00200",
+# trained with scripts/train_tiny_moe.py (--layers 4 --experts 32 --top-k 2 --seq-len 64 --batch 8;
+# the long run stopped at its 12-minute cap, step 892), and the placement issue's 8x8 checkpoint
+CKPTS = ["~/.cache/effrun/hybrimoe-moe32-long/ckpt-00892", "~/.cache/effrun/hybrimoe-moe32/ckpt-00200",
          "~/.cache/effrun/moe-tiny-trained/ckpt-00433"]
 SHAPES = ["mixtral-8x7b", "deepseek-v2-lite", "qwen2-57b-a14b"]
 POLICIES = ["hybrimoe", "ktransformers", "llamacpp", "ondemand_lru", "all_cpu", "hybrimoe_noprefetch",
@@ -164,7 +166,7 @@ def measured_overhead(args, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="bench_hybrimoe.json")
+    ap.add_argument("--out", default="outputs/bench_hybrimoe.json")
     ap.add_argument("--sequences", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=300)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -182,6 +184,7 @@ def main():
         projections(args, out)
     if "measured" not in skip:
         measured_overhead(args, out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {args.out}")
 

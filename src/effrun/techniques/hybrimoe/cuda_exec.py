@@ -224,6 +224,11 @@ def run_real(plugin, dev: str = "cuda") -> None:
     results, tokens = {}, {}
     policies = ["hybrimoe"] + [p for p in c.compare if p in REAL_POLICIES]
     ref_model = build_model(exp.cfg.model, device="cpu", dtype=exp.cfg.run.dtype).eval()
+    if not find_moe_blocks(ref_model):
+        from effrun.errors import UserError
+
+        raise UserError(f"model {exp.cfg.model.name!r}: no MoE block with a router .gate and 3-D .experts "
+                        "weights in this transformers version", key="model")
     calib, _ = calibrate_cpu_stable(find_moe_blocks(ref_model)[0][1].experts, plugin.shape.hidden,
                                     dtype=ref_model.dtype)
     costs = plugin.costs(fit_cpu(calib))
