@@ -203,7 +203,7 @@ def ep_generate(model, ep: ExpertParallel, input_ids: torch.Tensor, max_new_toke
 
 
 def expected_dispatch_rows(trace_experts: np.ndarray, placement: np.ndarray, batch_rows: np.ndarray,
-                           world: int, scheme: str, k_first_home: bool = True) -> np.ndarray:
+                           world: int, scheme: str) -> np.ndarray:
     """Rows each MoE layer's dispatch moves across ranks, predicted from a trace [T, L, k] (all
     forward calls concatenated, ``batch_rows`` [T] = batch row of each token): for checking counts."""
     T, L, k = trace_experts.shape

@@ -26,8 +26,6 @@ class PlacementTechnique(Technique):
         rec = exp.start_recorder(3 if mode == "infer" else 2, title=f"{mode} {self.name} {exp.cfg.model.name}")
         t0 = time.perf_counter()
         tr, ho, origin = study.load_traces(node, exp)
-        if node.model_dir is None and not node.trace:
-            pass
         E = tr.num_experts
         hf = exp.cfg.model.get("hf_config") or {}
         model_E = hf.get("num_local_experts") or hf.get("num_experts")
