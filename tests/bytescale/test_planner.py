@@ -145,3 +145,32 @@ def test_projection_static_vs_hdp():
         assert r["balance_step_s"] <= r["naive_step_s"] * 1.02 < r["static_step_s"]
     assert rows[1]["speedup_balance"] > rows[0]["speedup_balance"]
     assert 1.6 < CM.doubling_slowdown(rows, "static_step_s") < 2.4  # paper: ~2x per doubling
+
+
+def test_cost_fit_recovers_coefficients_and_drives_balance():
+    """The profile cost source: NNLS on micro-batch features recovers a known time model, and the
+    balance scheduler with that model equalises the true per-rank time."""
+    pytest.importorskip("torch")
+    from effrun.techniques.bytescale import engine as E
+
+    true = P.Cost(a1=2e-8, a1_ring=1.2e-7, b1=2e-5, p=1e-3, r=4e-3, g=2e-3)
+    recs = []
+    for seed in range(3):
+        ls = _batch(seed)
+        for strategy in ("naive", "static"):
+            plan = P.make_plan(strategy, ls, 4, 1024, COST, static_cp=4)
+            for mbs in plan.ranks:
+                for mb in mbs:
+                    t = true.g + sum(true.piece(ls[p.seq], len(p.ring)) for p in mb.pieces)
+                    recs.append((E.features(plan, mb), t))
+    coef, r2 = E.fit_cost(recs)
+    assert r2 > 0.999
+    for got, want in zip(coef, [true.a1, true.a1_ring, true.b1, true.p, true.r, true.g]):
+        assert abs(got - want) <= 0.02 * want
+    fitted = P.Cost(a1=coef[0], a1_ring=coef[1], b1=coef[2], p=coef[3], r=coef[4], g=coef[5])
+    ls = _batch(7)
+    plan = P.make_plan("balance", ls, 4, 1024, fitted)
+    real = P.Plan(plan.strategy, 4, 1024, ls, plan.ranks, true).rank_cost()
+    assert P.imbalance(real) <= 0.05
+    assert P.imbalance(real) < P.imbalance(P.Plan("n", 4, 1024, ls, P.make_plan("naive", ls, 4, 1024, fitted).ranks,
+                                                  true).rank_cost())
