@@ -199,7 +199,8 @@ def doubling_slowdown(rows: List[Dict], key: str) -> Optional[float]:
     if len(rows) < 2:
         return None
     ratios = [b[key] / a[key] for a, b in zip(rows, rows[1:])
-              if a[key] > 0 and abs(math.log2(b["context"] / a["context"]) - 1) < 1e-9]
+              if a[key] > 0 and abs(math.log2(b["context"] / a["context"]) - 1) < 1e-9
+              and a.get("gpus") == b.get("gpus")]  # same cluster only
     if not ratios:
         return None
     return math.exp(sum(math.log(x) for x in ratios) / len(ratios))
