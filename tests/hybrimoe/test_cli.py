@@ -4,7 +4,8 @@ import json
 import pytest
 
 RUN = ["+technique=hybrimoe", "model=mixtral-tiny", "hardware=rtx-a6000", "run.max_new_tokens=4",
-       "run.threads=1", "logger=quiet", "technique.calibrate_max_s=1", "technique.calibrate_tokens=1"]
+       "run.threads=1", "logger=quiet", "technique.calibrate_max_s=1", "technique.calibrate_tokens=1",
+       "technique.execution=model"]
 
 
 def test_infer_cli_real_cpu_experts_and_projected_baselines(effrun):
