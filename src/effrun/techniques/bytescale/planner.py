@@ -68,6 +68,7 @@ class Cost:
     p: float = 0.0  # per-sequence overhead (kernel launches, Python) in a fitted model
     r: float = 0.0  # per ring step of a distributed sequence (extra block launches), fitted
     a1_ring: Optional[float] = None  # quadratic term of ring (blockwise) attention; None -> a1
+    unit: str = "flops"  # "flops" (analytic) or "s" (fitted from measured times)
 
     def seq(self, s: float) -> float:
         return self.a1 * s * s + self.b1 * s + self.p

@@ -80,10 +80,12 @@ class ByteScale(Technique):
     def _layer_model(self, cost: P.Cost) -> O.LayerModel:
         hc = self.exp.hf_config
         l = hc.num_hidden_layers
-        # activation bytes per token per layer: measured once on rank 0 (saved-tensor bytes), else 34h*4
-        act = getattr(self, "_act_per_token", None) or 34 * hc.hidden_size * 4
-        rate = 1e10  # FLOP/s scale only matters relative to the copy bandwidth; see README
-        return O.LayerModel(cost.a1 / l / rate, cost.b1 / l / rate, 0.0, act, 0.0)
+        # activation bytes per token per layer: 34 h values (Korthikanti et al.) x the dtype's bytes
+        act = 34 * hc.hidden_size * (2 if self.exp.cfg.run.dtype in ("bfloat16", "float16") else 4)
+        # a fitted (profile) cost is in seconds already; a FLOP cost is turned into seconds at an
+        # assumed 1e10 FLOP/s (it only matters relative to the copy bandwidth)
+        rate = 1.0 if cost.unit == "s" else 1e10
+        return O.LayerModel(cost.a1 / l / rate, cost.b1 / l / rate, cost.p / l / rate, act, 0.0)
 
     def _bw(self) -> float:
         c, hw = self.cfg, self.exp.cfg.hardware
@@ -193,7 +195,8 @@ class ByteScale(Technique):
             if c.cost_source == "profile" and fit_rows:
                 coef, _ = E.fit_cost(fit_rows)  # same records on every rank -> the same plan everywhere
                 if coef[0] > 0 or coef[2] > 0:
-                    cost = P.Cost(a1=coef[0], a1_ring=coef[1], b1=coef[2], p=coef[3], r=coef[4], g=coef[5])
+                    cost = P.Cost(a1=coef[0], a1_ring=coef[1], b1=coef[2], p=coef[3], r=coef[4], g=coef[5],
+                                  unit="s")
         rec.aggregate_steps()
         self._summarise(rec, strategies, stats, losses, fit_rows, max_rank_tokens, opts)
         if c.project and exp.is_main:
