@@ -142,8 +142,10 @@ class Simulator:
             for l in self.moe_layers:
                 self.cache.fill(l, static.get(l, []), 0.0)
         elif policy != "llamacpp" and policy != "all_cpu":
-            for l in self.moe_layers:  # a deterministic warm start: the first `capacity` experts
-                self.cache.fill(l, range(self.capacity), 0.0)
+            for l in self.moe_layers:
+                # warm start: the same profiled set the fixed mapping uses (every policy gets the
+                # same information), else the first `capacity` experts
+                self.cache.fill(l, (static or {}).get(l, range(self.capacity)), 0.0)
         n_gpu_layers = int(round(cache_ratio * len(self.moe_layers)))
         self.gpu_layers = set(self.moe_layers[len(self.moe_layers) - n_gpu_layers:])  # n-cpu-moe: first N on CPU
         self.clock = 0.0
