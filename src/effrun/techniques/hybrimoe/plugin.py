@@ -54,9 +54,13 @@ class Hybrimoe(Technique):
                 out.append(c)
         return out
 
-    def simulate(self, trace: List[Forward], costs: CostModel, prompt_tokens: int, rec) -> Dict[str, dict]:
+    def simulate(self, trace: List[Forward], costs: CostModel, prompt_tokens: int, rec,
+                 static=None) -> Dict[str, dict]:
+        """Replay every policy over `trace`. `static`: the profiled per-layer GPU set of the fixed
+        mapping and every cache's warm start; None -> the most frequent experts of `trace` itself."""
         c, sh = self.cfg, self.shape
-        static = static_sets(trace, capacity_of(c.cache_ratio, sh.experts), sh.experts)
+        if static is None:
+            static = static_sets(trace, capacity_of(c.cache_ratio, sh.experts), sh.experts)
         results, sims = {}, {}
         for pol in self.policies():
             sim = Simulator(pol, sh, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
@@ -140,15 +144,29 @@ class Hybrimoe(Technique):
             raise UserError(f"model {exp.cfg.model.name!r} has no hookable MoE blocks", key="model")
         ids = torch.tensor([exp.tokenizer.encode(run.prompt)], device=exp.device)
         # warm-up run: calibrates the CPU cost per expert (a + b * tokens) on this machine
+        # warm-up / profiling pass: its routing gives the fixed mapping's GPU set and every
+        # cache's warm start (the live scheduler cannot see the future)
+        warm: List[Forward] = []
+        orig_forward = model.forward
+
+        def profiled(*a, **kw):
+            cap.begin(int(kw["input_ids"].shape[1]))
+            r = orig_forward(*a, **kw)
+            warm.append(cap.end())
+            return r
+
+        model.forward = profiled
         with torch.no_grad():
-            greedy_generate(model, ids, max(1, c.calibrate_tokens))   # warm-up (lazy inits)
+            greedy_generate(model, ids, max(1, c.calibrate_tokens))
+        model.forward = orig_forward
+        static = static_sets(warm, capacity_of(c.cache_ratio, self.shape.experts), self.shape.experts)
         calib, passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype,
                                               max_s=c.calibrate_max_s)
         fit = fit_cpu(calib)
         use_measured = c.cpu_costs in ("auto", "measured")
         costs = self.costs(fit if use_measured else None)
         live = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                         mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch)
+                         mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch, static=static)
         cap.samples.clear()
         cap.pred_hits = cap.pred_total = 0
         trace: List[Forward] = []
@@ -193,16 +211,16 @@ class Hybrimoe(Technique):
             rec.set("measured/cpu_expert_per_token_s", fit[1])
         rec.set("measured/prefetch_prediction_accuracy", cap.prediction_accuracy)
         rec.set("measured/execution", "experts on this CPU; GPU and PCIe timed by the target model")
-        results = self.simulate(trace, costs, int(ids.shape[1]), rec)
+        results = self.simulate(trace, costs, int(ids.shape[1]), rec, static=static)
         # the live scheduler and the replay are the same code: they must agree
         rec.set("projected/live_vs_replay_max_abs_diff_s",
-                max(abs(a - b) for a, b in zip(live.stats.time_s, self._replay_times(trace, costs))))
+                max(abs(a - b) for a, b in zip(live.stats.time_s, self._replay_times(trace, costs, static))))
         (exp.run_dir / "routing_trace.json").write_text(json.dumps([fw.to_json() for fw in trace]))
         exp.summary["generated_text"] = exp.tokenizer.decode(new[0].tolist())
         exp.summary["generated_ids"] = new[0].tolist()
 
-    def _replay_times(self, trace, costs) -> List[float]:
+    def _replay_times(self, trace, costs, static) -> List[float]:
         c = self.cfg
         sim = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                        mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch)
+                        mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch, static=static)
         return sim.run(trace).time_s
