@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# a technique plugin that fails to import is a test failure, not a warning
+os.environ.setdefault("EFFRUN_STRICT_PLUGINS", "1")
+
 TINY = ["model=llama-tiny", "data.seq_len=32", "data.batch_size=2", "run.max_steps=3", "run.warmup_steps=1",
         "logger=quiet"]
 
