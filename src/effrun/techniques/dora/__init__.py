@@ -1,19 +1,13 @@
 """DoRA via peft: weight-decomposed low-rank adaptation (baseline)."""
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
 
 from effrun.technique import TechniqueSpec
-from effrun.techniques.common import DEFAULT_TARGETS
-from effrun.techniques.lora import check
+from effrun.techniques.lora import LoraConfig, check
 
 
 @dataclass
-class DoraConfig:
+class DoraConfig(LoraConfig):
     name: str = "dora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
 
 spec = TechniqueSpec(name="dora", config=DoraConfig, plugin="effrun.techniques.dora.plugin:Dora",
