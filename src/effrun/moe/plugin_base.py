@@ -28,6 +28,11 @@ class PlacementFields:
     project_tokens_per_device: int = 512
 
 
+_SMOKE_RUN = ("model=mixtral-tiny", "technique.devices=2", "technique.time_limit_s=2", "technique.record_tokens=64")
+# overrides the conformance suite's short runs need, for both placement techniques and both modes
+SMOKE_OVERRIDES = {"plan": _SMOKE_RUN, "infer": _SMOKE_RUN}
+
+
 def check_common(cfg, node) -> None:
     if node.devices < 1:
         raise UserError("must be >= 1", key="technique.devices")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effrun.errors import UserError
-from effrun.moe.plugin_base import PlacementFields, check_common
+from effrun.moe.plugin_base import SMOKE_OVERRIDES, PlacementFields, check_common
 from effrun.technique import TechniqueSpec
 
 
@@ -29,8 +29,5 @@ spec = TechniqueSpec(
     name="exflow", config=ExflowConfig, plugin="effrun.techniques.exflow.plugin:ExFlow",
     modes=("plan", "infer"), owns_loop=("plan", "infer"), conflicts=("moetuner", "hybrimoe"),
     hardware="project", check=check,
-    smoke_overrides={"plan": ("model=mixtral-tiny", "technique.devices=2", "technique.time_limit_s=2",
-                              "technique.record_tokens=64"),
-                     "infer": ("model=mixtral-tiny", "technique.devices=2", "technique.time_limit_s=2",
-                               "technique.record_tokens=64")},
+    smoke_overrides=SMOKE_OVERRIDES,
     description="ExFlow affinity-aware expert placement (CP-SAT IP) + context-coherent expert parallelism")

@@ -3,7 +3,7 @@ clusters to devices minimising inter-device tokens between adjacent layers, weig
 hardware target's link costs (intra- vs inter-node)."""
 from dataclasses import dataclass
 
-from effrun.moe.plugin_base import PlacementFields, check_common
+from effrun.moe.plugin_base import SMOKE_OVERRIDES, PlacementFields, check_common
 from effrun.technique import TechniqueSpec
 
 
@@ -20,8 +20,5 @@ spec = TechniqueSpec(
     name="moetuner", config=MoetunerConfig, plugin="effrun.techniques.moetuner.plugin:MoETuner",
     modes=("plan", "infer"), owns_loop=("plan", "infer"), conflicts=("exflow", "hybrimoe"),
     hardware="project", check=check,
-    smoke_overrides={"plan": ("model=mixtral-tiny", "technique.devices=2", "technique.time_limit_s=2",
-                              "technique.record_tokens=64"),
-                     "infer": ("model=mixtral-tiny", "technique.devices=2", "technique.time_limit_s=2",
-                               "technique.record_tokens=64")},
+    smoke_overrides=SMOKE_OVERRIDES,
     description="MoETuner ILP expert placement (balanced clusters + link-cost-aware cluster-to-device)")
