@@ -33,6 +33,16 @@ _SMOKE_RUN = ("model=mixtral-tiny", "technique.devices=2", "technique.time_limit
 SMOKE_OVERRIDES = {"plan": _SMOKE_RUN, "infer": _SMOKE_RUN}
 
 
+def placement_spec(name: str, config: type, plugin: str, rival: str, check, description: str):
+    """The TechniqueSpec both placement techniques share: plan + infer, own both loops, project onto
+    any hardware target, exclusive with each other and with HybriMoE."""
+    from effrun.technique import TechniqueSpec
+
+    return TechniqueSpec(name=name, config=config, plugin=plugin, modes=("plan", "infer"),
+                         owns_loop=("plan", "infer"), conflicts=(rival, "hybrimoe"), hardware="project",
+                         check=check, smoke_overrides=SMOKE_OVERRIDES, description=description)
+
+
 def check_common(cfg, node) -> None:
     if node.devices < 1:
         raise UserError("must be >= 1", key="technique.devices")

@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effrun.errors import UserError
-from effrun.moe.plugin_base import SMOKE_OVERRIDES, PlacementFields, check_common
-from effrun.technique import TechniqueSpec
+from effrun.moe.plugin_base import PlacementFields, check_common, placement_spec
 
 
 @dataclass
@@ -25,9 +24,6 @@ def check(cfg, node) -> None:
                         key="technique.bipartition", choices=["null", "false"])
 
 
-spec = TechniqueSpec(
-    name="exflow", config=ExflowConfig, plugin="effrun.techniques.exflow.plugin:ExFlow",
-    modes=("plan", "infer"), owns_loop=("plan", "infer"), conflicts=("moetuner", "hybrimoe"),
-    hardware="project", check=check,
-    smoke_overrides=SMOKE_OVERRIDES,
-    description="ExFlow affinity-aware expert placement (CP-SAT IP) + context-coherent expert parallelism")
+spec = placement_spec(
+    "exflow", ExflowConfig, "effrun.techniques.exflow.plugin:ExFlow", "moetuner", check,
+    "ExFlow affinity-aware expert placement (CP-SAT IP) + context-coherent expert parallelism")

@@ -3,8 +3,7 @@ clusters to devices minimising inter-device tokens between adjacent layers, weig
 hardware target's link costs (intra- vs inter-node)."""
 from dataclasses import dataclass
 
-from effrun.moe.plugin_base import SMOKE_OVERRIDES, PlacementFields, check_common
-from effrun.technique import TechniqueSpec
+from effrun.moe.plugin_base import PlacementFields, check_common, placement_spec
 
 
 @dataclass
@@ -12,13 +11,6 @@ class MoetunerConfig(PlacementFields):
     name: str = "moetuner"
 
 
-def check(cfg, node) -> None:
-    check_common(cfg, node)
-
-
-spec = TechniqueSpec(
-    name="moetuner", config=MoetunerConfig, plugin="effrun.techniques.moetuner.plugin:MoETuner",
-    modes=("plan", "infer"), owns_loop=("plan", "infer"), conflicts=("exflow", "hybrimoe"),
-    hardware="project", check=check,
-    smoke_overrides=SMOKE_OVERRIDES,
-    description="MoETuner ILP expert placement (balanced clusters + link-cost-aware cluster-to-device)")
+spec = placement_spec(
+    "moetuner", MoetunerConfig, "effrun.techniques.moetuner.plugin:MoETuner", "exflow", check_common,
+    "MoETuner ILP expert placement (balanced clusters + link-cost-aware cluster-to-device)")
