@@ -7,12 +7,7 @@
 # Without a GPU it falls back to a tiny CPU run that exercises the same path (used to test it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$(mktemp -d)}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
-PY=${PYTHON:-python}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+. scripts/lib_gpu_env.sh
 
 SMOL_SHAPE=(model=llama-tiny model.name=smollm2-shape model.hf_config.vocab_size=49152
   model.hf_config.hidden_size=576 model.hf_config.intermediate_size=1536 model.hf_config.num_hidden_layers=30

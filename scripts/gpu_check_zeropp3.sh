@@ -9,18 +9,13 @@
 # Without a GPU it runs a CPU fallback (small buffer; DeepSpeed with quantisation off) to test itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$(mktemp -d)}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
+. scripts/lib_gpu_env.sh
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/effrun/torch_extensions}
 # DeepSpeed's JIT op builder parses TORCH_CUDA_ARCH_LIST with int(): an arch-specific entry such as
 # "9.0a" (set on the lent H100 image) fails with "invalid literal for int() ... '0a'". Drop the suffix.
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=$(printf '%s' "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9])a\b/\1/g')
 fi
-PY=${PYTHON:-python}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 WHEELS=${EFFRUN_WHEELS:-shared/wheels}
 
 if ! $PY -c "import deepspeed" 2>/dev/null && ls "$WHEELS"/deepspeed-*.whl >/dev/null 2>&1; then
