@@ -27,11 +27,24 @@ import torch
 from omegaconf import OmegaConf
 
 
+def tokenizer(kind: str):
+    """Byte tokens, or SmolLM2-135M's tokenizer from the effrun asset cache (subword routing is
+    closer to a real LLM's than byte routing)."""
+    if kind == "bytes":
+        from effrun.models import ByteTokenizer
+
+        return ByteTokenizer()
+    from effrun.assets import fetch_smollm2
+    from effrun.models import HFTokenizer
+
+    return HFTokenizer(str(fetch_smollm2()), "smollm2-135m")
+
+
 def build(args):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
-        "mixtral", vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        "mixtral", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=1024,
         tie_word_embeddings=False, router_aux_loss_coef=0.01, output_router_logits=True)
@@ -69,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=12.0)
+    ap.add_argument("--tokenizer", choices=["bytes", "smollm2"], default="bytes",
+                    help="byte tokens (vocab 256) or SmolLM2's subword tokenizer (vocab 49152; `effrun fetch`)")
     ap.add_argument("--aux", choices=["per_layer", "global"], default="per_layer",
                     help="load-balancing loss per MoE layer (Switch/GShard) or transformers' default, "
                          "which pools all layers' router logits (balances experts only across layers)")
@@ -80,11 +95,11 @@ def main(argv=None):
 
     from effrun.config.schema import DataConfig
     from effrun.data import TokenBlocks
-    from effrun.models import ByteTokenizer
-
     dcfg = OmegaConf.structured(DataConfig(name="shakespeare", kind="text", seq_len=args.seq_len,
                                            batch_size=args.batch, max_chars=3_000_000))
-    data = TokenBlocks(dcfg, ByteTokenizer(), 256)
+    tok = tokenizer(args.tokenizer)
+    args.vocab = tok.vocab_size
+    data = TokenBlocks(dcfg, tok, args.vocab)
     g = torch.Generator().manual_seed(args.seed + 1)
     solve_blocks = data.train[torch.randperm(len(data.train), generator=g)[: args.trace_blocks]]
     heldout_blocks = data.eval[: args.trace_blocks]
@@ -95,7 +110,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     ckpts = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= args.steps} | {args.steps})
     manifest = {"model_config": model.config.to_dict(), "checkpoints": [], "args": vars(args),
-                "data": "shakespeare (byte tokens); solve = train-split blocks, heldout = held-out plays"}
+                "data": f"shakespeare ({args.tokenizer} tokens); solve = train-split blocks, heldout = held-out plays"}
     log = open(out / "train_log.jsonl", "w")
     t_start = time.time()
 

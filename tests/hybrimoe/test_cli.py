@@ -68,3 +68,34 @@ def test_bad_input_is_one_line_exit_2(effrun, args, key):
     assert len(err) == 1 and key in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not r.run_dirs() or r.summary().get("status") != "completed"
+
+
+def test_plan_cli_replays_a_trained_trace_tiled_and_profiled_on_other_text(effrun, tmp_path):
+    """A {"streams": ...} trace of a shallower model (here 4 MoE layers, 8 experts, top-2) is tiled
+    onto Mixtral-8x7B's 32 MoE layers; the fixed mapping is profiled on the other file."""
+    from types import SimpleNamespace
+
+    from effrun.techniques.hybrimoe.costs import moe_shape
+    from effrun.techniques.hybrimoe.trace import save_streams, synthetic_trace
+
+    small = moe_shape(SimpleNamespace(num_hidden_layers=4, hidden_size=8, vocab_size=10, num_attention_heads=2,
+                                      num_local_experts=8, num_experts_per_tok=2))
+    ev = [synthetic_trace(small, 16, 5, seed=s, pop_seed=0) for s in (1, 2)]
+    prof = [synthetic_trace(small, 16, 5, seed=s, pop_seed=0) for s in (3, 4)]
+    save_streams(ev, tmp_path / "eval.json")
+    save_streams(prof, tmp_path / "profile.json")
+    common = ("plan", "+technique=hybrimoe", "model=mixtral-8x7b", "hardware=rtx-a6000", "technique.weight_bits=4",
+              "technique.plot=false", "logger=quiet", f"technique.routing_trace={tmp_path / 'eval.json'}")
+    s = effrun(*common, f"technique.profile_trace={tmp_path / 'profile.json'}").summary()
+    assert s["status"] == "completed" and s["projected/static_profile"].startswith("trace:")
+    assert s["projected/hybrimoe/ttft_s"] > 0 and s["projected/ktransformers_layers/decode_tokens_per_s"] > 0
+    assert s["projected/speedup_decode_vs_ktransformers_layers"] > 0
+    oracle = effrun(*common, root=tmp_path / "oracle").summary()
+    assert oracle["projected/static_profile"].startswith("oracle")
+    # a trace over another expert count is refused with the key named
+    save_streams([synthetic_trace(moe_shape(SimpleNamespace(num_hidden_layers=2, hidden_size=8, vocab_size=10,
+                  num_attention_heads=2, num_local_experts=4, num_experts_per_tok=1)), 4, 2)], tmp_path / "bad.json")
+    r = effrun(*common[:-1], f"technique.routing_trace={tmp_path / 'bad.json'}", check=False, root=tmp_path / "bad")
+    assert r.returncode == 2 and "technique.routing_trace" in r.stderr and "Traceback" not in r.stderr
+    r = effrun(*common, f"technique.profile_trace={tmp_path / 'missing.json'}", check=False, root=tmp_path / "miss")
+    assert r.returncode == 2 and "technique.profile_trace" in r.stderr and not r.run_dirs()

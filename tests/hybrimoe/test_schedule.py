@@ -181,3 +181,85 @@ def test_mrs_keeps_a_high_score_expert_that_lru_evicts():
     assert rate["mrs"] >= 18 / 59                  # (nearly) every one of expert 0's 19 returns hits
     assert rate["lfu"] >= 18 / 59
     assert rate["mrs"] - rate["lru"] > 0.2
+
+
+def test_host_cpu_bandwidth_comes_from_the_target_unless_overridden():
+    from effrun.techniques.hybrimoe import HybrimoeConfig
+    from effrun.techniques.hybrimoe.costs import DEFAULT_HOST_BW_GBPS, build_costs
+
+    shape = _shape("deepseek-v2-lite")
+    link = SimpleNamespace(bandwidth_GBps=32.0, latency_us=10.0)
+    base = dict(peak_tflops={"bfloat16": 154.8}, memory_bw_GBps=768, host_cpu_cores=10, host_cpu_gflops=1000.0,
+                host_link=link)
+    eb = shape.expert_params * 0.5
+    launch = HybrimoeConfig().cpu_launch_us * 1e-6
+    for hw_bw, override, want in ((31.0, None, 31.0), (None, None, DEFAULT_HOST_BW_GBPS), (31.0, 12.0, 12.0)):
+        hw = SimpleNamespace(**base, host_cpu_mem_bw_GBps=hw_bw)
+        c = build_costs(shape, hw, HybrimoeConfig(cpu_mem_bw_GBps=override), 0.5, "bfloat16")
+        assert c.cpu_exp == pytest.approx(eb / (want * 1e9) + launch, rel=1e-12)
+
+
+def test_ktransformers_layers_is_the_artifacts_layer_mapping():
+    """First round(ratio * L) MoE layers fully on the GPU, the rest on the CPU in decode; in prefill
+    the CPU layers' routed experts are copied over the link and computed on the GPU; no cache."""
+    shape = _shape("deepseek-v2-lite")
+    shape.moe_layers = shape.moe_layers[:8]
+    shape.layers = 9
+    c = _shape_costs(shape)
+    trace = synthetic_trace(shape, prompt_len=16, decode_tokens=6, seed=3)
+    sim = Simulator("ktransformers_layers", shape, c, cache_ratio=0.25)
+    assert sim.gpu_layers == set(shape.moe_layers[:2])
+    st = sim.run(trace)
+    routed = lambda fw, ls: sum(len(fw.layers[l].routed()) for l in ls)
+    cpu_layers = shape.moe_layers[2:]
+    # prefill: every routed expert of a CPU layer crosses the link once; decode: never
+    assert st.demand_transfers == routed(trace[0], cpu_layers)
+    assert st.decode_hits == sum(routed(fw, shape.moe_layers[:2]) for fw in trace[1:])
+    assert st.cpu_experts == sum(routed(fw, cpu_layers) for fw in trace[1:])
+    assert all(sim.cache.size(l) == 0 for l in shape.moe_layers)
+    # llama.cpp's n-cpu-moe keeps the *last* layers on the GPU: same decode time, other layers
+    ll = Simulator("llamacpp", shape, c, cache_ratio=0.25)
+    assert ll.gpu_layers == set(shape.moe_layers[-2:])
+
+
+def test_tile_streams_maps_a_shallow_trained_trace_onto_a_deeper_model():
+    from effrun.techniques.hybrimoe.sim import Forward, LayerRoute
+    from effrun.techniques.hybrimoe.trace import load_streams, save_streams, tile_streams
+
+    def stream(tag):
+        return [Forward(tokens=n, layers={l: LayerRoute(counts=[tag, l, i], scores=[0.1 * tag, 0.0, 0.0],
+                                                        pred=[i, l, tag]) for l in (0, 1, 2)})
+                for i, n in enumerate((4, 1, 1))]
+
+    streams = [stream(1), stream(2)]
+    target = [1, 2, 3, 4, 5, 6, 7]           # 7 MoE layers: tiles of 3 on streams 0, 1, 0
+    out = tile_streams(streams, target)
+    assert [fw.tokens for fw in out] == [4, 1, 1]
+    for i, fw in enumerate(out):
+        assert sorted(fw.layers) == target
+        for j, tgt in enumerate(target):
+            r = fw.layers[tgt]
+            tag, src = (1, 2, 1)[j // 3], j % 3
+            assert r.counts == [tag, src, i]
+            # a prediction is the source's next gate: kept inside a tile, dropped at its end
+            assert r.pred == (None if src == 2 or tgt == 7 else [i, src, tag])
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        save_streams(streams, os.path.join(d, "t.json"))
+        back = load_streams(os.path.join(d, "t.json"))
+        assert [[f.to_json() for f in s] for s in back] == [[f.to_json() for f in s] for s in streams]
+    with pytest.raises(ValueError):
+        tile_streams([stream(1), stream(2)[:2]], target)
+
+
+def test_synthetic_profile_shares_popularity_not_draws():
+    shape = _shape("mixtral-8x7b")
+    a = synthetic_trace(shape, 64, 8, seed=1, pop_seed=0)
+    b = synthetic_trace(shape, 64, 8, seed=2, pop_seed=0)
+    assert [fw.to_json() for fw in a] != [fw.to_json() for fw in b]
+    # same hot experts per layer: the popularity-weighted score term is identical
+    pop = lambda tr, l: [round(s - 0.7 * c / (shape.top_k * tr[0].tokens), 9)
+                         for s, c in zip(tr[0].layers[l].scores, tr[0].layers[l].counts)]
+    assert all(pop(a, l) == pop(b, l) for l in shape.moe_layers)
+    c = synthetic_trace(shape, 64, 8, seed=1, pop_seed=9)
+    assert any(pop(a, l) != pop(c, l) for l in shape.moe_layers)

@@ -64,6 +64,8 @@ class HardwareConfig:
     links: List[LinkLevel] = field(default_factory=list)
     host_cpu_cores: Optional[int] = None
     host_cpu_gflops: Optional[float] = None
+    # effective host memory bandwidth of CPU expert/GEMV kernels (what a CPU-side MoE reaches)
+    host_cpu_mem_bw_GBps: Optional[float] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
 

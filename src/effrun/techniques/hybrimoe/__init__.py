@@ -12,7 +12,7 @@ from effrun.errors import UserError
 from effrun.technique import TechniqueSpec
 
 POLICIES = ("mrs", "lru", "lfu")
-COMPARE = ("ktransformers", "llamacpp", "ondemand_lru", "all_cpu",
+COMPARE = ("ktransformers", "ktransformers_layers", "llamacpp", "ondemand_lru", "all_cpu",
            "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
 EXECUTION = ("auto", "model", "real")
 CPU_COSTS = ("auto", "measured", "hardware")
@@ -27,7 +27,8 @@ class HybrimoeConfig:
     mrs_alpha: float = 0.5
     mrs_top_p: int = 0                  # 0 -> 2 * top_k
     prefetch: bool = True
-    compare: List[str] = field(default_factory=lambda: ["ktransformers", "llamacpp", "ondemand_lru", "all_cpu",
+    compare: List[str] = field(default_factory=lambda: ["ktransformers", "ktransformers_layers", "llamacpp",
+                                                        "ondemand_lru", "all_cpu",
                                                         "hybrimoe_noprefetch", "hybrimoe_lru"])
     # auto: real CPU+GPU execution when CUDA is present and the target is cuda, else model;
     # model: experts computed on this CPU, GPU/PCIe timed by the target's model; real: needs a GPU
@@ -37,7 +38,8 @@ class HybrimoeConfig:
     cpu_costs: str = "auto"
     weight_bits: int = 0                # bytes moved/read per weight: 0 -> the run dtype; 4 -> int4
     cpu_cores: Optional[int] = None     # overrides hardware.host_cpu_cores
-    cpu_mem_bw_GBps: float = 80.0       # host memory bandwidth assumed for the target's CPU
+    # effective host bandwidth of the CPU expert kernels; None -> hardware.host_cpu_mem_bw_GBps
+    cpu_mem_bw_GBps: Optional[float] = None
     cpu_efficiency: float = 0.5
     cpu_launch_us: float = 20.0
     cpu_layer_us: float = 30.0
@@ -52,7 +54,11 @@ class HybrimoeConfig:
     routing_skew: float = 1.0
     routing_locality: float = 0.3
     predict_acc: float = 0.8
-    routing_trace: Optional[str] = None  # a trace JSON (routing_trace.json of an infer run) instead
+    # a trace JSON instead (routing_trace.json of an infer run, or {"streams": [...]} of a trained
+    # model: tiled onto deeper targets); profile_trace: the fixed mapping's profiling pass on other
+    # text (None: synthetic -> same popularity, other draws; trace file -> the trace itself, an oracle)
+    routing_trace: Optional[str] = None
+    profile_trace: Optional[str] = None
     seed: int = 0
     plot: bool = True
 
@@ -94,6 +100,14 @@ def check(cfg, node) -> None:
     if cfg.hardware.get("host_link") is None:
         raise UserError(f"hardware {cfg.hardware.name!r} has no CPU-GPU link (host_link) to model",
                         key="hardware", choices=_linked_hardware())
+    for k in ("routing_trace", "profile_trace"):
+        if node[k] is not None:
+            from pathlib import Path
+
+            if not Path(str(node[k])).expanduser().is_file():
+                raise UserError(f"no trace file {node[k]!r}", key=f"technique.{k}")
+    if node.profile_trace is not None and node.routing_trace is None:
+        raise UserError("a profile trace needs technique.routing_trace", key="technique.profile_trace")
     if node.execution == "real":
         from effrun.config.validate_deep import cuda_present
 

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
+DEFAULT_HOST_BW_GBPS = 80.0   # when neither the target nor technique.cpu_mem_bw_GBps says
+
+
 @dataclass
 class MoeShape:
     layers: int                 # decoder layers
@@ -152,7 +155,8 @@ def build_costs(shape: MoeShape, hw, tcfg, bytes_per_param: float, dtype: str,
         cores = tcfg.cpu_cores or hw.host_cpu_cores or 8
         gflops = float(hw.host_cpu_gflops or 50.0 * cores)
         cpu_tok = ef / (gflops * 1e9 * tcfg.cpu_efficiency)
-        cpu_exp = eb / (tcfg.cpu_mem_bw_GBps * 1e9) + tcfg.cpu_launch_us * 1e-6
+        bw = tcfg.cpu_mem_bw_GBps or getattr(hw, "host_cpu_mem_bw_GBps", None) or DEFAULT_HOST_BW_GBPS
+        cpu_exp = eb / (float(bw) * 1e9) + tcfg.cpu_launch_us * 1e-6
         source = "hardware"
     moe = shape.moe_layers[0] if shape.moe_layers else 0
     dp = shape.dense_params(moe)

@@ -82,13 +82,15 @@ class Hybrimoe(Technique):
         for pol, r in results.items():
             for k, v in r.items():
                 rec.set(f"projected/{pol}/{k}", v)
-        base = results.get("ktransformers")
-        if base:
-            h = results["hybrimoe"]
+        h = results["hybrimoe"]
+        for name in ("ktransformers", "ktransformers_layers"):
+            base = results.get(name)
+            if not base:
+                continue
             if h.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
-                rec.set("projected/speedup_decode_vs_ktransformers", h["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+                rec.set(f"projected/speedup_decode_vs_{name}", h["decode_tokens_per_s"] / base["decode_tokens_per_s"])
             if h.get("ttft_s") and base.get("ttft_s"):
-                rec.set("projected/speedup_prefill_vs_ktransformers", base["ttft_s"] / h["ttft_s"])
+                rec.set(f"projected/speedup_prefill_vs_{name}", base["ttft_s"] / h["ttft_s"])
         for p in ("mrs", "lru", "lfu"):
             rec.set(f"projected/demand_hit_rate/{p}",
                     demand_hit_rate(trace, sh.experts, c.cache_ratio, p, sh.top_k, c.mrs_alpha, c.mrs_top_p))
@@ -115,19 +117,46 @@ class Hybrimoe(Technique):
         return self._infer_model()
 
     def _plan(self) -> None:
-        c = self.cfg
+        c, sh = self.cfg, self.shape
         rec = self.exp.start_recorder(1, title=f"plan hybrimoe {self.exp.cfg.model.name}")
         if c.routing_trace:
-            trace = load_trace(c.routing_trace)
+            trace = self._trace_for_shape(c.routing_trace)
             rec.set("projected/routing", f"trace:{c.routing_trace}")
+            profile = self._trace_for_shape(c.profile_trace) if c.profile_trace else trace
+            rec.set("projected/static_profile", f"trace:{c.profile_trace}" if c.profile_trace
+                    else "oracle: the evaluated trace itself")
         else:
-            trace = synthetic_trace(self.shape, c.prompt_len, c.decode_tokens, c.routing_skew, c.routing_locality,
-                                    c.predict_acc, c.seed)
+            trace = synthetic_trace(sh, c.prompt_len, c.decode_tokens, c.routing_skew, c.routing_locality,
+                                    c.predict_acc, seed=c.seed + 1, pop_seed=c.seed)
+            # the fixed mapping is profiled offline on other text of the same model: same expert
+            # popularity, other draws
+            profile = synthetic_trace(sh, c.prompt_len, c.decode_tokens, c.routing_skew, c.routing_locality,
+                                      c.predict_acc, seed=c.seed + 2, pop_seed=c.seed)
             rec.set("projected/routing", f"synthetic zipf s={c.routing_skew} locality={c.routing_locality} "
                                          f"predict_acc={c.predict_acc}")
+            rec.set("projected/static_profile", "synthetic: same popularity, other draws")
+        static = static_sets(profile, capacity_of(c.cache_ratio, sh.experts), sh.experts)
         costs = self.costs(None)
-        res = self.simulate(trace, costs, trace[0].tokens, rec)
+        res = self.simulate(trace, costs, trace[0].tokens, rec, static=static)
         rec.log_step(0, **{f"{p}_decode_tok_s": r.get("decode_tokens_per_s") for p, r in res.items()})
+
+    def _trace_for_shape(self, path: str) -> List[Forward]:
+        """A trace file fitted to this model: used as is when its MoE layers match, else tiled."""
+        from effrun.techniques.hybrimoe.trace import load_streams, tile_streams
+
+        try:
+            streams = load_streams(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read routing trace {path!r}: {e}", key="technique.routing_trace") from e
+        sh = self.shape
+        first = streams[0][0]
+        experts = len(next(iter(first.layers.values())).counts)
+        if experts != sh.experts:
+            raise UserError(f"trace {path!r} routes over {experts} experts, model {self.exp.cfg.model.name!r} has "
+                            f"{sh.experts}", key="technique.routing_trace")
+        if sorted(first.layers) == list(sh.moe_layers) and len(streams) == 1:
+            return streams[0]
+        return tile_streams(streams, sh.moe_layers)
 
     def _infer_model(self) -> None:
         import torch

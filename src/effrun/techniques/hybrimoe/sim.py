@@ -15,7 +15,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from effrun.techniques.hybrimoe.cache import ExpertCache
 from effrun.techniques.hybrimoe.hss import Plan, evaluate, hss
 
-BASELINES = ("ktransformers", "llamacpp", "ondemand_lru", "all_cpu")
+# ktransformers: the issue's per-expert fixed mapping (most frequent experts of a profiling pass);
+# ktransformers_layers: the paper artifact's own kTransformers configuration (optimize rules
+# "Mixtral-25%.yaml" etc.: every expert of the first ratio*L MoE layers on the GPU, the other
+# layers' experts on the CPU in decode; in prefill those layers' routed experts are copied to
+# the GPU and computed there, `prefill_device: cuda`)
+BASELINES = ("ktransformers", "ktransformers_layers", "llamacpp", "ondemand_lru", "all_cpu")
 VARIANTS = ("hybrimoe", "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
 POLICY_NAMES = VARIANTS + BASELINES
 
@@ -141,13 +146,16 @@ class Simulator:
                 raise ValueError("ktransformers needs the static expert sets")
             for l in self.moe_layers:
                 self.cache.fill(l, static.get(l, []), 0.0)
-        elif policy != "llamacpp" and policy != "all_cpu":
+        elif policy not in ("llamacpp", "ktransformers_layers", "all_cpu"):
             for l in self.moe_layers:
                 # warm start: the same profiled set the fixed mapping uses (every policy gets the
                 # same information), else the first `capacity` experts
                 self.cache.fill(l, (static or {}).get(l, range(self.capacity)), 0.0)
         n_gpu_layers = int(round(cache_ratio * len(self.moe_layers)))
-        self.gpu_layers = set(self.moe_layers[len(self.moe_layers) - n_gpu_layers:])  # n-cpu-moe: first N on CPU
+        if policy == "ktransformers_layers":   # first N MoE layers resident on the GPU
+            self.gpu_layers = set(self.moe_layers[:n_gpu_layers])
+        else:                                  # llama.cpp n-cpu-moe: the first layers' experts on the CPU
+            self.gpu_layers = set(self.moe_layers[len(self.moe_layers) - n_gpu_layers:])
         self.clock = 0.0
         self.link_free = 0.0
         self.forward_index = 0
@@ -163,9 +171,13 @@ class Simulator:
         routed = list(counts)
         if p == "all_cpu":
             return evaluate([], [], routed, counts, {}, c, t0, self.link_free, ev)
-        if p == "llamacpp":
+        if p in ("llamacpp", "ktransformers_layers"):
             if l in self.gpu_layers:
                 return evaluate(routed, [], [], counts, {e: 0.0 for e in routed}, c, t0, self.link_free, ev)
+            if p == "ktransformers_layers" and self.forward_index == 0:
+                # prefill: copy the layer's routed experts to the GPU (largest first) and compute there
+                u = sorted(routed, key=lambda e: (-counts[e], e))
+                return evaluate([], u, [], counts, {}, c, t0, self.link_free, ev)
             return evaluate([], [], routed, counts, {}, c, t0, self.link_free, ev)
         ready = dict(self.cache.ready(l))
         if p == "ktransformers":
@@ -229,8 +241,8 @@ class Simulator:
             route = fw.layers[l]
             counts = {e: k for e, k in enumerate(route.counts) if k > 0}
             resident = self.cache.ready(l)
-            hits = sum(1 for e in counts if e in resident) if self.policy != "llamacpp" else (
-                len(counts) if l in self.gpu_layers else 0)
+            hits = sum(1 for e in counts if e in resident) if self.policy not in ("llamacpp", "ktransformers_layers") \
+                else (len(counts) if l in self.gpu_layers else 0)
             st.activations += len(counts)
             st.hits += hits
             if decode:
@@ -240,7 +252,7 @@ class Simulator:
                 if self._prefetched.pop((l, e), False):
                     st.prefetch_used += 1
             plan = self._plan(l, counts, t0)
-            if self.policy not in ("llamacpp", "all_cpu", "ktransformers"):
+            if self.policy not in ("llamacpp", "ktransformers_layers", "all_cpu", "ktransformers"):
                 self.cache.observe(l, list(counts), route.scores)
                 for i, e in enumerate(plan.transfers):
                     self.cache.insert(l, e, t0, protect=counts)
