@@ -22,11 +22,12 @@ import os
 import time
 from pathlib import Path
 
-# trained with scripts/train_tiny_moe.py (--layers 4 --experts 32 --top-k 2 --seq-len 64 --batch 8;
-# the long run stopped at its 12-minute cap, step 892), and the placement issue's 8x8 checkpoint
-CKPTS = ["~/.cache/effrun/hybrimoe-e64k6/final", "~/.cache/effrun/hybrimoe-e64k8/final",
-         "~/.cache/effrun/hybrimoe-moe32-long/ckpt-00892", "~/.cache/effrun/hybrimoe-moe32/ckpt-00200",
-         "~/.cache/effrun/moe-tiny-trained-perlayer/ckpt-00236", "~/.cache/effrun/moe-tiny-trained/ckpt-00433"]
+# trained with scripts/train_tiny_moe.py: "eEkK" = 8 layers, E experts, top-K, hidden 64, seq 64 x batch 8,
+# 2000 steps (bytes) or the 40-minute cap (-sub-long: SmolLM2 subword tokens; -sub: a 14-minute run);
+# moe32-long = 4 layers, 32 experts, top-2 (892 steps; the previous session's checkpoint)
+CKPTS = ["~/.cache/effrun/hybrimoe-e8k2/final", "~/.cache/effrun/hybrimoe-e64k6/final",
+         "~/.cache/effrun/hybrimoe-e64k8/final", "~/.cache/effrun/hybrimoe-e64k6-sub-long/final",
+         "~/.cache/effrun/hybrimoe-e64k6-sub/final", "~/.cache/effrun/hybrimoe-moe32-long/ckpt-00892"]
 SHAPES = ["mixtral-8x7b", "deepseek-v2-lite", "qwen2-57b-a14b"]
 POLICIES = ["hybrimoe", "ktransformers", "ktransformers_layers", "llamacpp", "ondemand_lru", "all_cpu",
             "hybrimoe_noprefetch", "hybrimoe_lru"]
@@ -100,7 +101,8 @@ def hit_rates(args, out):
         E, k = hf.num_local_experts, hf.num_experts_per_tok
         for ratio in (0.25, 0.5, 0.75):
             r = {"checkpoint": ck, "experts": E, "top_k": k, "layers": hf.num_hidden_layers, "ratio": ratio,
-                 "predict_acc_last_seq": acc}
+                 "predict_acc_last_seq": acc, "tokens": "bytes" if hf.vocab_size == 256 else "subword",
+                 "train_steps": int(d.name.split("-")[-1])}
             for p in ("mrs", "lru", "lfu"):
                 vals = [demand_hit_rate(tr, E, ratio, p, k) for tr in traces]
                 r[p] = sum(vals) / len(vals)
@@ -110,13 +112,27 @@ def hit_rates(args, out):
             print(f"{ck:>34} E={E:<3} k={k} cache {ratio:.2f}: MRS {r['mrs']:.3f}  LRU {r['lru']:.3f}"
                   f"  LFU {r['lfu']:.3f}  MRS(a=0.1) {r['mrs_alpha0.1']:.3f}  MRS-LRU {100 * (r['mrs'] - r['lru']):+.1f} pts")
     out["hit_rates"] = rows
+    print_hit_table(rows)
+
+
+def print_hit_table(rows) -> None:
+    print("\n| trained tiny MoE | tokens | layers × experts (top-k), steps | cache | MRS (α=0.5) | LRU | LFU "
+          "| MRS α=0.1 | MRS − LRU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["ratio"] == 0.75:
+            continue
+        print(f"| {r['checkpoint'].split('/')[0]} | {r['tokens']} | {r['layers']} × {r['experts']} ({r['top_k']}), "
+              f"{r['train_steps']} | {int(r['ratio'] * 100)} % | {r['mrs']:.3f} | {r['lru']:.3f} | {r['lfu']:.3f} | "
+              f"{r['mrs_alpha0.1']:.3f} | {100 * (r['mrs'] - r['lru']):+.1f} pt |")
 
 
 # geometry-matched trained routers for the projected shapes (same experts and top-k; 8 layers,
 # tiled onto the real depth by `tile_streams`): scripts/train_tiny_moe.py --layers 8 --experts E
 # --top-k k --hidden 64 --seq-len 64 --batch 8 --max-minutes 14 (the 8x8 one is the placement issue's)
 SHAPE_CKPTS = {"mixtral-8x7b": ["~/.cache/effrun/hybrimoe-e8k2/final"],
-               "deepseek-v2-lite": ["~/.cache/effrun/hybrimoe-e64k6/final", "~/.cache/effrun/hybrimoe-e64k6-sub/final"],
+               "deepseek-v2-lite": ["~/.cache/effrun/hybrimoe-e64k6/final",
+                                    "~/.cache/effrun/hybrimoe-e64k6-sub-long/final"],
                "qwen2-57b-a14b": ["~/.cache/effrun/hybrimoe-e64k8/final"]}
 HOST_BW_SWEEP = (80.0, 31.0, 15.0)   # GB/s effective for 10 host cores: DRAM-ish, derived (target), slow
 
@@ -229,6 +245,31 @@ def projections(args, out):
                             f" pre x{row['prefill_speedup_vs_ktransformers']:.2f}"
                             f" (layers x{row['prefill_speedup_vs_ktransformers_layers']:.2f})")
     out["projections"] = rows
+    print_tables(rows, float(hw.host_cpu_mem_bw_GBps))
+
+
+def print_tables(rows, target_bw: float) -> None:
+    """The README's tables (markdown), from the rows just computed."""
+    short = {"mixtral-8x7b": "Mixtral-8x7B", "deepseek-v2-lite": "DeepSeek-V2-Lite", "qwen2-57b-a14b": "Qwen2-57B-A14B"}
+    print("\n| model | routing | cache | HybriMoE | kT per-expert | kT layers | llama.cpp | on-demand LRU | all-CPU "
+          "| decode x vs kT per-expert | decode x vs kT layers | prefill x vs kT layers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["host_bw_GBps"] != target_bw:
+            continue
+        tps = lambda p: f"{r[p + '/decode_tokens_per_s']:.1f}"
+        print(f"| {short.get(r['model'], r['model'])} | {r['routing'].split(':')[-1]} | {int(r['ratio'] * 100)} % | "
+              + " | ".join(tps(p) for p in ("hybrimoe", "ktransformers", "ktransformers_layers", "llamacpp",
+                                            "ondemand_lru", "all_cpu"))
+              + f" | {r['decode_speedup_vs_ktransformers']:.2f} | {r['decode_speedup_vs_ktransformers_layers']:.2f}"
+                f" | {r['prefill_speedup_vs_ktransformers_layers']:.2f} |")
+    print("\n| model | routing | host GB/s | CPU/PCIe per expert (1 token) | decode x vs kT per-expert | vs kT layers |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["ratio"] == 0.25:
+            print(f"| {short.get(r['model'], r['model'])} | {r['routing'].split(':')[-1]} | {r['host_bw_GBps']:g} | "
+                  f"{r['cpu_over_xfer_1tok']:.2f} | {r['decode_speedup_vs_ktransformers']:.2f} | "
+                  f"{r['decode_speedup_vs_ktransformers_layers']:.2f} |")
 
 
 def measured_overhead(args, out):
@@ -238,7 +279,7 @@ def measured_overhead(args, out):
     from effrun.loops.infer import greedy_generate
     from effrun.techniques.hybrimoe.capture import RoutingCapture
 
-    d = next((_ckpt(c) for c in CKPTS[2:] if _ckpt(c) is not None), None)
+    d = _ckpt("~/.cache/effrun/hybrimoe-moe32-long/ckpt-00892")
     if d is None:
         return
     torch.set_num_threads(1)
