@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from effrun import slurm
 from effrun.errors import UserError
 from effrun.loops.loss import causal_lm_loss
 from effrun.technique import Technique
@@ -78,7 +79,8 @@ class Zeropp3(Technique):
                                 grad_block=c.grad_block, lr=run.lr, weight_decay=run.weight_decay,
                                 max_grad_norm=run.max_grad_norm, comm=comm, gather=c.gather)
         start = 0
-        dirs = self._ckpt_dirs() if run.resume else []
+        # run.resume, or Slurm requeued this job (preemption/time limit): continue from the last checkpoint
+        dirs = self._ckpt_dirs() if (run.resume or slurm.requeued()) else []
         if dirs:
             st = torch.load(dirs[-1] / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
             eng.load_state_dict(st["engine"])
@@ -104,10 +106,18 @@ class Zeropp3(Technique):
             per_iter = dict(zip(LEVELS, sent.tolist()))
             rec.log_step(step, loss=loss, step_time_s=dt, tokens=tokens, samples=bs * ga * W,
                          tokens_per_s=tokens / dt, **{f"bytes_{lv}": v for lv, v in per_iter.items()})
-            if run.checkpoint_every and (step + 1) % run.checkpoint_every == 0:
+            saved = bool(run.checkpoint_every) and (step + 1) % run.checkpoint_every == 0
+            if saved:
                 self._save(eng, step + 1)
+            # Slurm signalled a preemption/time limit: should_stop answers the same on every rank and
+            # _save has barriers, so every rank checkpoints its shard, then the job is requeued
+            if slurm.should_stop(exp, step):
+                if not saved:
+                    self._save(eng, step + 1)
+                raise slurm.Requeue(step + 1)
             if run.crash_after_steps is not None and step + 1 >= run.crash_after_steps:
                 os._exit(137)  # test hook: a kill -9 after this step
+        slurm.stop_polling()
         rec.aggregate_steps()
         # bytes per link level: measured (summed over ranks) and the closed-form formula
         elem = eng.full.element_size()
@@ -143,6 +153,8 @@ class Zeropp3(Technique):
                 eng.release(eng.units[0])
 
     # --- DeepSpeed engine -------------------------------------------------------------------
+    # (no checkpoint/resume and no slurm.should_stop polling: a preemption signal here takes
+    # submitit's own path, a requeue that restarts the run from step 0)
     def _train_deepspeed(self) -> None:
         from effrun.launch import free_port
         from effrun.techniques.zeropp3.dsconfig import ds_config
