@@ -14,7 +14,7 @@ export EFFRUN_OUTPUT_ROOT="$OUT/runs" PYTHONUNBUFFERED=1 WANDB_MODE=offline
 MODEL=(model=mixtral-tiny model.hf_config.hidden_size=1024 model.hf_config.intermediate_size=2816
        model.hf_config.num_hidden_layers=4 model.hf_config.num_attention_heads=8 model.hf_config.num_key_value_heads=8)
 COMMON=(+technique=hybrimoe hardware=h100-sxm run.max_new_tokens=24 logger=quiet technique.cache_ratio=0.25
-        "technique.compare=[ktransformers,ondemand_lru,all_cpu]")
+        "technique.compare=[ktransformers,ktransformers_layers,ondemand_lru,all_cpu]")
 status=0
 if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   timeout 150 $PY -m effrun.cli infer "${COMMON[@]}" "${MODEL[@]}" technique.execution=real \
@@ -47,6 +47,7 @@ for log in ("hybrimoe_real.log", "hybrimoe_model.log"):
 r = res["runs"].get("real", {})
 print("real:", {k: r.get(k) for k in ("status", "measured/hybrimoe/decode_tokens_per_s", "measured/ktransformers/decode_tokens_per_s",
                                       "measured/all_cpu/decode_tokens_per_s", "measured/speedup_decode_vs_ktransformers",
+                                      "measured/speedup_decode_vs_ktransformers_layers",
                                       "measured/tokens_match_fraction", "error")})
 PYEOF
 exit $status

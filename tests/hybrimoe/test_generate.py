@@ -137,6 +137,34 @@ def test_hybrid_executor_bookkeeping_on_cpu(policy):
         assert st["transfers"] > 0 and st["cpu_experts"] > 0 and st["prefetches"] > 0
 
 
+def test_hybrid_executor_layer_mapping_on_cpu():
+    """The artifact's kTransformers layer mapping in the real executor ('GPU' = this CPU): layer 0
+    holds all 8 experts, layer 1 none; decode runs layer 1 on the CPU with no copies; prefill
+    copies layer 1's routed experts over; tokens equal the plain model's."""
+    from effrun.techniques.hybrimoe.cuda_exec import HybridExecutor
+
+    ref_model, hf = _model("mixtral-tiny")
+    ids = torch.tensor([list(b"To be, or not to be")])
+    ref = greedy_generate(ref_model, ids, 5)[0][0].tolist()
+    model, _ = _model("mixtral-tiny")
+    shape = moe_shape(hf)
+    ex = HybridExecutor(model, "cpu", _costs(shape), policy="ktransformers_layers", cache_ratio=0.5).attach()
+    l0, l1 = ex.layers
+    assert ex.gpu_layers == {l0} and ex.cap == {l0: 8, l1: 0}
+    assert set(ex.slots[l0]) == set(range(8)) and not ex.slots[l1]
+    assert ex.buf[l1][0].shape[0] == 0
+    ex.stats = {k: 0 for k in ex.stats}
+    got = greedy_generate(model, ids, 5)[0][0].tolist()
+    assert got == ref
+    st = ex.stats
+    assert st["gpu_experts"] + st["cpu_experts"] == st["activations"] > 0
+    # layer 0 always hits; layer 1 hits never, copies only in the prefill (distinct experts of
+    # the prompt), runs on the CPU in the 4 decode forwards (top-2 each)
+    assert st["cpu_experts"] == 4 * 2 and 0 < st["transfers"] <= 8 and st["prefetches"] == 0
+    assert st["hits"] == st["activations"] - st["transfers"] - st["cpu_experts"]
+    assert set(ex.slots[l0]) == set(range(8)) and not ex.slots[l1]
+
+
 def test_real_execution_loop_runs_without_a_gpu(tmp_path):
     """run_real (the CUDA path of `effrun infer`) end to end with dev='cpu': all policies measured,
     tokens of every policy equal, summary keys measured/."""
@@ -146,14 +174,14 @@ def test_real_execution_loop_runs_without_a_gpu(tmp_path):
 
     cfg = compose_checked(["mode=infer", "+technique=hybrimoe", "model=mixtral-tiny", "hardware=rtx-a6000",
                            "run.max_new_tokens=4", "logger=quiet", "technique.calibrate_max_s=0.5",
-                           "technique.compare=[ktransformers,ondemand_lru,all_cpu]"])
+                           "technique.compare=[ktransformers,ktransformers_layers,ondemand_lru,all_cpu]"])
     exp = Experiment(cfg, tmp_path)
     exp.run_id = "t"
     plugin = exp.techniques[0]
     plugin.validate()
     run_real(plugin, dev="cpu")
     s = exp.recorder.summary
-    for pol in ("hybrimoe", "ktransformers", "ondemand_lru", "all_cpu"):
+    for pol in ("hybrimoe", "ktransformers", "ktransformers_layers", "ondemand_lru", "all_cpu"):
         assert s[f"measured/{pol}/decode_tokens_per_s"] > 0
         assert s[f"measured/{pol}/gpu_experts"] + s[f"measured/{pol}/cpu_experts"] == s[f"measured/{pol}/activations"]
     assert s["measured/tokens_match_fraction"] == 1.0
