@@ -164,6 +164,9 @@ def _replay(shape, costs, trace, static, ratio, prompt_len):
     for pol in POLICIES:
         st = Simulator(pol, shape, costs, cache_ratio=ratio, static=static).run(trace)
         res[pol] = summarize(st, prompt_len, costs.expert_bytes)
+    # ablation: prefetches may also use link time into the next layer, up to its predicted end
+    st = Simulator("hybrimoe", shape, costs, cache_ratio=ratio, static=static, prefetch_budget="next_end").run(trace)
+    res["hybrimoe_next_end"] = summarize(st, prompt_len, costs.expert_bytes)
     return res
 
 
@@ -227,7 +230,7 @@ def projections(args, out):
                     per = [_replay(shape, costs, tr, static, ratio, args.prompt_len) for tr in evals]
                     res = {p: {k: sum(r[p][k] for r in per) / len(per) for k in
                                ("decode_tokens_per_s", "ttft_s", "decode_cache_hit_rate", "bytes_transferred")}
-                           for p in POLICIES}
+                           for p in POLICIES + ["hybrimoe_next_end"]}
                     kt, ktl, h = res["ktransformers"], res["ktransformers_layers"], res["hybrimoe"]
                     row = {"model": name, "routing": routing, "ratio": ratio, "hardware": hw.name,
                            "host_bw_GBps": bw, "cpu_over_xfer_1tok": costs.cpu(1) / costs.xfer,
@@ -235,6 +238,10 @@ def projections(args, out):
                            "decode_speedup_vs_ktransformers": h["decode_tokens_per_s"] / kt["decode_tokens_per_s"],
                            "prefill_speedup_vs_ktransformers": kt["ttft_s"] / h["ttft_s"],
                            "decode_speedup_vs_ktransformers_layers": h["decode_tokens_per_s"] / ktl["decode_tokens_per_s"],
+                           "decode_speedup_vs_ktransformers_next_end_budget":
+                               res["hybrimoe_next_end"]["decode_tokens_per_s"] / kt["decode_tokens_per_s"],
+                           "decode_speedup_vs_ktransformers_noprefetch":
+                               res["hybrimoe_noprefetch"]["decode_tokens_per_s"] / kt["decode_tokens_per_s"],
                            "prefill_speedup_vs_ktransformers_layers": ktl["ttft_s"] / h["ttft_s"],
                            **{f"{p}/{k}": v for p, r in res.items() for k, v in r.items()}}
                     rows.append(row)
@@ -263,6 +270,13 @@ def print_tables(rows, target_bw: float) -> None:
                                             "ondemand_lru", "all_cpu"))
               + f" | {r['decode_speedup_vs_ktransformers']:.2f} | {r['decode_speedup_vs_ktransformers_layers']:.2f}"
                 f" | {r['prefill_speedup_vs_ktransformers_layers']:.2f} |")
+    print("\n| model | routing | cache | prefetch budget next_start (default) | next_end | no prefetch |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["host_bw_GBps"] == target_bw and r["routing"].startswith("trained"):
+            print(f"| {short.get(r['model'], r['model'])} | {r['routing'].split(':')[-1]} | {int(r['ratio'] * 100)} % | "
+                  f"{r['decode_speedup_vs_ktransformers']:.2f} | {r['decode_speedup_vs_ktransformers_next_end_budget']:.2f} | "
+                  f"{r['decode_speedup_vs_ktransformers_noprefetch']:.2f} |")
     print("\n| model | routing | host GB/s | CPU/PCIe per expert (1 token) | decode x vs kT per-expert | vs kT layers |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -263,3 +263,23 @@ def test_synthetic_profile_shares_popularity_not_draws():
     assert all(pop(a, l) == pop(b, l) for l in shape.moe_layers)
     c = synthetic_trace(shape, 64, 8, seed=1, pop_seed=9)
     assert any(pop(a, l) != pop(c, l) for l in shape.moe_layers)
+
+
+def test_next_start_prefetch_budget_never_reaches_into_the_next_layer():
+    """prefetch_budget=next_start: every prefetch arrives by the next layer's predicted start, so
+    its budget is never larger than next_end's; both stay within their budgets."""
+    shape = _shape("mixtral-8x7b")
+    shape.moe_layers = shape.moe_layers[:6]
+    shape.layers = 6
+    c = _shape_costs(shape)
+    trace = synthetic_trace(shape, prompt_len=12, decode_tokens=12, seed=2)
+    logs = {}
+    for b in ("next_end", "next_start"):
+        sim = Simulator("hybrimoe", shape, c, cache_ratio=0.25, prefetch_budget=b)
+        st = sim.run(trace)
+        assert st.prefetch_budget_violations == 0
+        assert all(used <= budget + 1e-12 for budget, used, _ in sim.prefetch_log)
+        logs[b] = sim
+    assert logs["next_end"].stats.prefetch_transfers >= logs["next_start"].stats.prefetch_transfers
+    with pytest.raises(ValueError):
+        Simulator("hybrimoe", shape, c, cache_ratio=0.25, prefetch_budget="later")

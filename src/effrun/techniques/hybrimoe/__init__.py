@@ -16,6 +16,9 @@ COMPARE = ("ktransformers", "ktransformers_layers", "llamacpp", "ondemand_lru", 
            "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
 EXECUTION = ("auto", "model", "real")
 CPU_COSTS = ("auto", "measured", "hardware")
+# how much link time a layer's prefetches may take: up to the next layer's predicted end (the
+# transfers also overlap that layer's compute), or only up to its start (never in its way)
+PREFETCH_BUDGETS = ("next_start", "next_end")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
@@ -27,6 +30,7 @@ class HybrimoeConfig:
     mrs_alpha: float = 0.5
     mrs_top_p: int = 0                  # 0 -> 2 * top_k
     prefetch: bool = True
+    prefetch_budget: str = "next_start"  # next_start | next_end: link time a layer may prefetch for
     compare: List[str] = field(default_factory=lambda: ["ktransformers", "ktransformers_layers", "llamacpp",
                                                         "ondemand_lru", "all_cpu",
                                                         "hybrimoe_noprefetch", "hybrimoe_lru"])
@@ -82,6 +86,9 @@ def check(cfg, node) -> None:
             raise UserError(f"unknown baseline {c!r}", key="technique.compare", choices=COMPARE)
     if node.execution not in EXECUTION:
         raise UserError(f"unknown execution {node.execution!r}", key="technique.execution", choices=EXECUTION)
+    if node.prefetch_budget not in PREFETCH_BUDGETS:
+        raise UserError(f"unknown prefetch budget {node.prefetch_budget!r}", key="technique.prefetch_budget",
+                        choices=PREFETCH_BUDGETS)
     if node.cpu_costs not in CPU_COSTS:
         raise UserError(f"unknown cpu_costs {node.cpu_costs!r}", key="technique.cpu_costs", choices=CPU_COSTS)
     if not 0.0 <= float(node.mrs_alpha) <= 1.0:

@@ -30,7 +30,7 @@ def _ffn(x, gu, dn, act):
 class HybridExecutor:
     def __init__(self, model, dev: str, costs, *, policy: str = "hybrimoe", cache_ratio: float = 0.25,
                  cache_policy: str = "mrs", alpha: float = 0.5, prefetch: bool = True,
-                 static: Optional[Dict[int, List[int]]] = None):
+                 static: Optional[Dict[int, List[int]]] = None, prefetch_budget: str = "next_start"):
         self.model, self.dev, self.costs, self.policy = model, dev, costs, policy
         self.blocks = find_moe_blocks(model)
         self.layers = [l for l, _ in self.blocks]
@@ -65,6 +65,7 @@ class HybridExecutor:
         self.events: Dict[tuple, object] = {}
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
         self.prefetch = prefetch and policy == "hybrimoe"
+        self.prefetch_budget = prefetch_budget
         # every cache starts from the profiled set when there is one (the fixed mapping's), so the
         # dynamic policies get the same information as the baseline and then adapt
         init = static if static is not None else {l: list(range(self.C)) for l in self.layers}
@@ -171,6 +172,7 @@ class HybridExecutor:
             gpu_u, cpu = [e for e in counts if e not in resident], []
         else:
             plan = hss(counts, ready, self.costs)
+            window = (plan.link_end, plan.makespan_end)   # link free from .. / layer ends at (est.)
             gpu_u, cpu = list(plan.transfers), list(plan.cpu)
             gpu_c = [e for e in plan.gpu if e not in plan.transfers]
         if self.policy in ("hybrimoe", "ondemand_lru"):
@@ -194,6 +196,8 @@ class HybridExecutor:
                 gu, dn = self.buf[l][0][s], self.buf[l][1][s]
             h = _ffn(hidden[tok], gu, dn, experts.act_fn) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, h.to(out.dtype))
+        if want_pred:   # queued behind this layer's own loads on the copy stream, overlapping its compute
+            self._prefetch(nxt[0], pred, k, *window)
         self.stats["gpu_experts"] += len(gpu_c) + len(gpu_u)
         if cpu:
             hc = hidden.to("cpu")
@@ -207,18 +211,22 @@ class HybridExecutor:
                 oc.index_add_(0, tok, h.to(oc.dtype))
             out += oc.to(self.dev, non_blocking=True)
             self.stats["cpu_experts"] += len(cpu)
-        if want_pred:
-            self._prefetch(nxt[0], pred, k)
         return out
 
-    def _prefetch(self, nl, pred, k):
+    def _prefetch(self, nl, pred, k, link_free: float, layer_end: float):
+        """Impact-driven prefetch for the next MoE layer, timed from this layer's start: the link is
+        free from `link_free`, the next layer starts at about `layer_end` + its attention."""
         from effrun.techniques.hybrimoe.sim import impact_prefetch
 
         pcounts = {e: int(c) for e, c in enumerate(pred) if c > 0}
         resident = {e: 0.0 for e in self.slots[nl]}
-        est = hss(pcounts, resident, self.costs).makespan_end
-        chosen = impact_prefetch(pcounts, resident, self.costs, t0n=self.costs.dense(1), start=0.0,
-                                 budget=est + self.costs.dense(1), max_cands=2 * k)
+        t0n = layer_end + self.costs.dense(1)
+        if self.prefetch_budget == "next_end":
+            budget = max(0.0, hss(pcounts, resident, self.costs, t0n, link_free).makespan_end - link_free)
+        else:
+            budget = max(0.0, t0n - link_free)
+        chosen = impact_prefetch(pcounts, resident, self.costs, t0n=t0n, start=link_free,
+                                 budget=budget, max_cands=2 * k)
         for e, _ in chosen:
             if not self._load(nl, e, protect=set(pcounts)):
                 break
@@ -260,7 +268,8 @@ def run_real(plugin, dev: str = "cuda") -> None:
     for pol in policies:
         model = build_model(exp.cfg.model, device="cpu", dtype=exp.cfg.run.dtype).eval()
         ex = HybridExecutor(model, dev, costs, policy=pol, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                            alpha=c.mrs_alpha, prefetch=c.prefetch, static=static).attach()
+                            alpha=c.mrs_alpha, prefetch=c.prefetch, static=static,
+                            prefetch_budget=c.prefetch_budget).attach()
         ids = torch.tensor([ids_list], device=dev)
         from effrun.loops.infer import greedy_generate
 

@@ -65,6 +65,7 @@ class Hybrimoe(Technique):
         for pol in self.policies():
             sim = Simulator(pol, sh, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
                             mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
+                            prefetch_budget=c.prefetch_budget,
                             static=static, record_events=(0, 1))
             st = sim.run(trace)
             results[pol] = summarize(st, prompt_tokens, costs.expert_bytes)
@@ -195,7 +196,8 @@ class Hybrimoe(Technique):
         use_measured = c.cpu_costs in ("auto", "measured")
         costs = self.costs(fit if use_measured else None)
         live = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                         mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch, static=static)
+                         mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
+                            prefetch_budget=c.prefetch_budget, static=static)
         cap.samples.clear()
         cap.pred_hits = cap.pred_total = 0
         trace: List[Forward] = []
@@ -251,5 +253,6 @@ class Hybrimoe(Technique):
     def _replay_times(self, trace, costs, static) -> List[float]:
         c = self.cfg
         sim = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                        mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch, static=static)
+                        mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
+                            prefetch_budget=c.prefetch_budget, static=static)
         return sim.run(trace).time_s

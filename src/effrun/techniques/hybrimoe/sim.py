@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from effrun.techniques.hybrimoe import PREFETCH_BUDGETS
 from effrun.techniques.hybrimoe.cache import ExpertCache
 from effrun.techniques.hybrimoe.hss import Plan, evaluate, hss
 
@@ -23,6 +24,7 @@ from effrun.techniques.hybrimoe.hss import Plan, evaluate, hss
 BASELINES = ("ktransformers", "ktransformers_layers", "llamacpp", "ondemand_lru", "all_cpu")
 VARIANTS = ("hybrimoe", "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
 POLICY_NAMES = VARIANTS + BASELINES
+
 
 
 @dataclass
@@ -127,7 +129,11 @@ def impact_prefetch(pcounts: Dict[int, int], resident: Dict[int, float], costs, 
 class Simulator:
     def __init__(self, policy: str, shape, costs, *, cache_ratio: float, cache_policy: str = "mrs",
                  mrs_alpha: float = 0.5, mrs_top_p: int = 0, prefetch: bool = True,
-                 static: Optional[Dict[int, List[int]]] = None, record_events: Iterable[int] = ()):
+                 static: Optional[Dict[int, List[int]]] = None, record_events: Iterable[int] = (),
+                 prefetch_budget: str = "next_start"):
+        if prefetch_budget not in PREFETCH_BUDGETS:
+            raise ValueError(f"unknown prefetch budget {prefetch_budget!r}")
+        self.prefetch_budget = prefetch_budget
         if policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {policy!r}")
         self.policy, self.shape, self.costs = policy, shape, costs
@@ -198,7 +204,10 @@ class Simulator:
         start = max(self.link_free, t0)
         t0n = end + c.dense(n)                       # predicted start of layer nl
         resident = dict(self.cache.ready(nl))
-        budget = max(0.0, hss(pcounts, resident, c, t0n, start).makespan_end - start)
+        if self.prefetch_budget == "next_end":    # until the next layer's predicted end
+            budget = max(0.0, hss(pcounts, resident, c, t0n, start).makespan_end - start)
+        else:                                     # only link time before the next layer starts
+            budget = max(0.0, t0n - start)
         chosen = impact_prefetch(pcounts, resident, c, t0n, start, budget, 2 * self.shape.top_k)
         done = 0
         for e, arrive in chosen:
