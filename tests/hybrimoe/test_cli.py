@@ -60,6 +60,8 @@ def test_plan_cli_projects_a_real_shape(effrun):
     (["model=llama-tiny"], "model"),
     (["hardware=cpu"], "hardware"),
     (["technique.execution=real"], "technique.execution"),
+    (["technique.prefetch_budget=later"], "technique.prefetch_budget"),
+    (["technique.routing_trace=/no/such/trace.json"], "technique.routing_trace"),
 ])
 def test_bad_input_is_one_line_exit_2(effrun, args, key):
     r = effrun("infer", *RUN, *args, check=False)
@@ -99,3 +101,7 @@ def test_plan_cli_replays_a_trained_trace_tiled_and_profiled_on_other_text(effru
     assert r.returncode == 2 and "technique.routing_trace" in r.stderr and "Traceback" not in r.stderr
     r = effrun(*common, f"technique.profile_trace={tmp_path / 'missing.json'}", check=False, root=tmp_path / "miss")
     assert r.returncode == 2 and "technique.profile_trace" in r.stderr and not r.run_dirs()
+    # a trace file that parses but holds no forwards: one line naming the key, no traceback
+    (tmp_path / "empty.json").write_text('{"streams": []}')
+    r = effrun(*common, f"technique.profile_trace={tmp_path / 'empty.json'}", check=False, root=tmp_path / "empty")
+    assert r.returncode == 2 and "technique.profile_trace" in r.stderr and "Traceback" not in r.stderr

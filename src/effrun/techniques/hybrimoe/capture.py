@@ -58,6 +58,7 @@ class RoutingCapture:
     """Install with `attach(model)`; wrap each model forward in begin()/end() to get a Forward."""
 
     def __init__(self, model, predict: bool = True, time_experts: bool = True):
+        self.model = model
         self.blocks = find_moe_blocks(model)
         self.layers = [l for l, _ in self.blocks]
         self.predict = predict
@@ -141,6 +142,28 @@ class RoutingCapture:
     @property
     def prediction_accuracy(self) -> Optional[float]:
         return self.pred_hits / self.pred_total if self.pred_total else None
+
+    def profile_generate(self, ids, new_tokens: int) -> List[Forward]:
+        """A profiling pass: greedy generation of `new_tokens` from `ids` on the attached model,
+        one Forward recorded per model forward (the prompt, then each decoded token)."""
+        from effrun.loops.infer import greedy_generate
+
+        m, trace = self.model, []
+        orig = m.forward
+
+        def fwd(*a, **kw):
+            self.begin(int(kw["input_ids"].shape[1]))
+            r = orig(*a, **kw)
+            trace.append(self.end())
+            return r
+
+        m.forward = fwd
+        try:
+            with torch.no_grad():
+                greedy_generate(m, ids, new_tokens)
+        finally:
+            m.forward = orig
+        return trace
 
 
 @torch.no_grad()

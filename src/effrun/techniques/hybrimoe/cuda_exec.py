@@ -240,7 +240,6 @@ def run_real(plugin, dev: str = "cuda") -> None:
     from effrun.models import build_model
     from effrun.techniques.hybrimoe.capture import calibrate_cpu_stable
     from effrun.techniques.hybrimoe.costs import fit_cpu
-    from effrun.techniques.hybrimoe.sim import static_sets
 
     exp, c, run = plugin.exp, plugin.cfg, plugin.exp.cfg.run
     rec = exp.start_recorder(run.max_new_tokens, title=f"infer hybrimoe (real) {exp.cfg.model.name}")
@@ -333,23 +332,10 @@ def _measure_gpu(model, dev):
 
 def _profile_static(model, ids_list, plugin, dev):
     """kTransformers-style fixed mapping from a profiling pass (routing of the prompt + 8 tokens)."""
-    from effrun.loops.infer import greedy_generate
     from effrun.techniques.hybrimoe.capture import RoutingCapture
     from effrun.techniques.hybrimoe.sim import static_sets
 
-    m = model
-    cap = RoutingCapture(m, predict=False, time_experts=False).attach()
-    trace = []
-    orig = m.forward
-
-    def fwd(*a, **kw):
-        cap.begin(int(kw["input_ids"].shape[1]))
-        r = orig(*a, **kw)
-        trace.append(cap.end())
-        return r
-
-    m.forward = fwd
-    greedy_generate(m, torch.tensor([ids_list]), 8)
-    m.forward = orig
+    cap = RoutingCapture(model, predict=False, time_experts=False).attach()
+    trace = cap.profile_generate(torch.tensor([ids_list]), 8)
     cap.detach()
     return static_sets(trace, capacity_of(plugin.cfg.cache_ratio, plugin.shape.experts), plugin.shape.experts)

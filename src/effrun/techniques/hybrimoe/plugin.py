@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from effrun.errors import UserError
 from effrun.technique import Technique
 from effrun.techniques.hybrimoe.costs import CostModel, build_costs, fit_cpu, moe_shape
 from effrun.techniques.hybrimoe.sim import Forward, Simulator, static_sets, summarize, capacity_of
-from effrun.techniques.hybrimoe.trace import demand_hit_rate, load_trace, synthetic_trace
+from effrun.techniques.hybrimoe.trace import demand_hit_rate, synthetic_trace
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -46,6 +46,13 @@ class Hybrimoe(Technique):
         dtype = "bfloat16" if self.cfg.weight_bits and self.cfg.weight_bits < 16 else self.exp.cfg.run.dtype
         return build_costs(self.shape, self.exp.cfg.hardware, self.cfg, self.bytes_per_param(), dtype, cpu_fit)
 
+    def simulator(self, policy: str, costs: CostModel, static, record_events=()) -> Simulator:
+        """A Simulator for `policy` with this run's cache / MRS / prefetch settings."""
+        c = self.cfg
+        return Simulator(policy, self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
+                         mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
+                         prefetch_budget=c.prefetch_budget, static=static, record_events=record_events)
+
     def policies(self) -> List[str]:
         main = "hybrimoe"
         out = [main]
@@ -63,10 +70,7 @@ class Hybrimoe(Technique):
             static = static_sets(trace, capacity_of(c.cache_ratio, sh.experts), sh.experts)
         results, sims = {}, {}
         for pol in self.policies():
-            sim = Simulator(pol, sh, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                            mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
-                            prefetch_budget=c.prefetch_budget,
-                            static=static, record_events=(0, 1))
+            sim = self.simulator(pol, costs, static, record_events=(0, 1))
             st = sim.run(trace)
             results[pol] = summarize(st, prompt_tokens, costs.expert_bytes)
             results[pol]["prefetch_budget_violations"] = st.prefetch_budget_violations
@@ -121,9 +125,9 @@ class Hybrimoe(Technique):
         c, sh = self.cfg, self.shape
         rec = self.exp.start_recorder(1, title=f"plan hybrimoe {self.exp.cfg.model.name}")
         if c.routing_trace:
-            trace = self._trace_for_shape(c.routing_trace)
+            trace = self._trace_for_shape(c.routing_trace, "technique.routing_trace")
             rec.set("projected/routing", f"trace:{c.routing_trace}")
-            profile = self._trace_for_shape(c.profile_trace) if c.profile_trace else trace
+            profile = self._trace_for_shape(c.profile_trace, "technique.profile_trace") if c.profile_trace else trace
             rec.set("projected/static_profile", f"trace:{c.profile_trace}" if c.profile_trace
                     else "oracle: the evaluated trace itself")
         else:
@@ -141,28 +145,31 @@ class Hybrimoe(Technique):
         res = self.simulate(trace, costs, trace[0].tokens, rec, static=static)
         rec.log_step(0, **{f"{p}_decode_tok_s": r.get("decode_tokens_per_s") for p, r in res.items()})
 
-    def _trace_for_shape(self, path: str) -> List[Forward]:
+    def _trace_for_shape(self, path: str, key: str) -> List[Forward]:
         """A trace file fitted to this model: used as is when its MoE layers match, else tiled."""
         from effrun.techniques.hybrimoe.trace import load_streams, tile_streams
 
+        sh = self.shape
         try:
             streams = load_streams(path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read routing trace {path!r}: {e}", key="technique.routing_trace") from e
-        sh = self.shape
-        first = streams[0][0]
-        experts = len(next(iter(first.layers.values())).counts)
-        if experts != sh.experts:
-            raise UserError(f"trace {path!r} routes over {experts} experts, model {self.exp.cfg.model.name!r} has "
-                            f"{sh.experts}", key="technique.routing_trace")
-        if sorted(first.layers) == list(sh.moe_layers) and len(streams) == 1:
-            return streams[0]
-        return tile_streams(streams, sh.moe_layers)
+            if not streams or not all(streams) or not streams[0][0].layers:
+                raise UserError(f"trace {path!r} holds no routed forwards", key=key)
+            first = streams[0][0]
+            experts = len(next(iter(first.layers.values())).counts)
+            if experts != sh.experts:
+                raise UserError(f"trace {path!r} routes over {experts} experts, model "
+                                f"{self.exp.cfg.model.name!r} has {sh.experts}", key=key)
+            if sorted(first.layers) == list(sh.moe_layers) and len(streams) == 1:
+                return streams[0]
+            return tile_streams(streams, sh.moe_layers)
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
+            raise UserError(f"cannot use routing trace {path!r}: {type(e).__name__}: {e}", key=key) from e
 
     def _infer_model(self) -> None:
         import torch
 
-        from effrun.loops.infer import greedy_generate
         from effrun.metrics.memory import peak_rss_mb, reset_peak_rss
         from effrun.techniques.hybrimoe.capture import RoutingCapture, calibrate_cpu_stable
 
@@ -176,28 +183,14 @@ class Hybrimoe(Technique):
         # warm-up run: calibrates the CPU cost per expert (a + b * tokens) on this machine
         # warm-up / profiling pass: its routing gives the fixed mapping's GPU set and every
         # cache's warm start (the live scheduler cannot see the future)
-        warm: List[Forward] = []
-        orig_forward = model.forward
-
-        def profiled(*a, **kw):
-            cap.begin(int(kw["input_ids"].shape[1]))
-            r = orig_forward(*a, **kw)
-            warm.append(cap.end())
-            return r
-
-        model.forward = profiled
-        with torch.no_grad():
-            greedy_generate(model, ids, max(1, c.calibrate_tokens))
-        model.forward = orig_forward
+        warm = cap.profile_generate(ids, max(1, c.calibrate_tokens))
         static = static_sets(warm, capacity_of(c.cache_ratio, self.shape.experts), self.shape.experts)
         calib, passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype,
                                               max_s=c.calibrate_max_s)
         fit = fit_cpu(calib)
         use_measured = c.cpu_costs in ("auto", "measured")
         costs = self.costs(fit if use_measured else None)
-        live = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                         mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
-                            prefetch_budget=c.prefetch_budget, static=static)
+        live = self.simulator("hybrimoe", costs, static)
         cap.samples.clear()
         cap.pred_hits = cap.pred_total = 0
         trace: List[Forward] = []
@@ -242,7 +235,7 @@ class Hybrimoe(Technique):
             rec.set("measured/cpu_expert_per_token_s", fit[1])
         rec.set("measured/prefetch_prediction_accuracy", cap.prediction_accuracy)
         rec.set("measured/execution", "experts on this CPU; GPU and PCIe timed by the target model")
-        results = self.simulate(trace, costs, int(ids.shape[1]), rec, static=static)
+        self.simulate(trace, costs, int(ids.shape[1]), rec, static=static)
         # the live scheduler and the replay are the same code: they must agree
         rec.set("projected/live_vs_replay_max_abs_diff_s",
                 max(abs(a - b) for a, b in zip(live.stats.time_s, self._replay_times(trace, costs, static))))
@@ -251,8 +244,4 @@ class Hybrimoe(Technique):
         exp.summary["generated_ids"] = new[0].tolist()
 
     def _replay_times(self, trace, costs, static) -> List[float]:
-        c = self.cfg
-        sim = Simulator("hybrimoe", self.shape, costs, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                        mrs_alpha=c.mrs_alpha, mrs_top_p=c.mrs_top_p, prefetch=c.prefetch,
-                            prefetch_budget=c.prefetch_budget, static=static)
-        return sim.run(trace).time_s
+        return self.simulator("hybrimoe", costs, static).run(trace).time_s

@@ -8,7 +8,6 @@ The same `hss`, cache and prefetch code serves the live run and every replay.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 

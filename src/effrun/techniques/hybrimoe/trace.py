@@ -91,10 +91,6 @@ def load_streams(path) -> List[List[Forward]]:
     return [[Forward.from_json(f) for f in s] for s in streams]
 
 
-def load_trace(path) -> List[Forward]:
-    return load_streams(path)[0]
-
-
 def save_streams(streams: Sequence[Sequence[Forward]], path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"streams": [[fw.to_json() for fw in s] for s in streams]}))
