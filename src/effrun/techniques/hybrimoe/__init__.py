@@ -121,8 +121,6 @@ def check(cfg, node) -> None:
         if not cuda_present():
             raise UserError("real GPU execution asked for but no GPU is present", key="technique.execution",
                             choices=["auto", "model"])
-    if cfg.mode == "plan" and cfg.model.source != "shape" and node.routing_trace is None:
-        pass  # plan on a runnable model: synthetic routing over its shape
 
 
 def _load_group(group: str, name: str):
