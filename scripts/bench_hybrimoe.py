@@ -37,7 +37,7 @@ def heldout_text(chars: int = 20000) -> str:
     from omegaconf import OmegaConf
 
     from effrun.config.schema import DataConfig
-    from effrun.data import load_texts
+    from effrun.families.causal_lm.data import load_texts
 
     dcfg = OmegaConf.structured(DataConfig(name="shakespeare", kind="text"))
     return load_texts(dcfg)[1][:chars]
@@ -52,7 +52,7 @@ def encode(text: str, vocab: int):
         return list(text.encode("utf-8", errors="replace"))
     if text not in _TOKENS:
         from effrun.assets import fetch_smollm2
-        from effrun.models import HFTokenizer
+        from effrun.families.causal_lm.models import HFTokenizer
 
         _TOKENS.clear()
         _TOKENS[text] = HFTokenizer(str(fetch_smollm2()), "smollm2-135m").encode(text)
@@ -178,7 +178,7 @@ def projections(args, out):
 
     from effrun.config.paths import config_dir
     from effrun.config.schema import HardwareConfig, ModelConfig
-    from effrun.models import hf_config
+    from effrun.families.causal_lm.models import hf_config
     from effrun.techniques.hybrimoe import HybrimoeConfig
     from effrun.techniques.hybrimoe.costs import build_costs, moe_shape
     from effrun.techniques.hybrimoe.sim import capacity_of, static_sets
@@ -290,7 +290,7 @@ def measured_overhead(args, out):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from effrun.loops.infer import greedy_generate
+    from effrun.families.causal_lm.decode import greedy_generate
     from effrun.techniques.hybrimoe.capture import RoutingCapture
 
     d = _ckpt("~/.cache/effrun/hybrimoe-moe32-long/ckpt-00892")

@@ -46,7 +46,7 @@ def bare_loop(model_cfg, a) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from effrun.models import build_model
+    from effrun.families.causal_lm.models import build_model
 
     torch.manual_seed(0)
     model = build_model(model_cfg, device="cpu", dtype="float32")
@@ -102,7 +102,7 @@ def microbench(cfg, n: int = 2000) -> dict:
     """Per-call CPU cost of the per-step work the harness adds to a bare loop: fetching the step's
     batch from TokenBlocks and Recorder.log_step with the configured sinks (console under a pipe).
     CPU-bound and sub-millisecond, so it is steady even where the A/B ratios are not."""
-    from effrun.data import TokenBlocks
+    from effrun.families.causal_lm.data import TokenBlocks
     from effrun.metrics.recorder import Recorder
     from effrun.sinks import build_sinks
 

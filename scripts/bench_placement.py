@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from effrun.moe import placement as P
-from effrun.moe.trace import RoutingTrace
+from effrun.techniques._moe import placement as P
+from effrun.techniques._moe.trace import RoutingTrace
 
 TRAINED = Path("~/.cache/effrun/moe-tiny-trained").expanduser()
 PAPER = {"exflow_mixtral_hops": {4: (17.50, 23.25), 8: (22.17, 27.1)},
@@ -156,7 +156,7 @@ def projection(args, out):
     from omegaconf import OmegaConf
 
     from effrun.config.paths import config_dir
-    from effrun.moe import study
+    from effrun.techniques._moe import study
 
     tr, ho, step, _ = _last_traces()
     hw = OmegaConf.to_container(OmegaConf.load(config_dir() / "hardware" / "h100-sxm.yaml"))

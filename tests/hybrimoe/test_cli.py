@@ -18,8 +18,8 @@ def test_infer_cli_real_cpu_experts_and_projected_baselines(effrun):
 
     from effrun.config.paths import config_dir
     from effrun.config.schema import ModelConfig, RunConfig
-    from effrun.loops.infer import greedy_generate
-    from effrun.models import build_model
+    from effrun.families.causal_lm.decode import greedy_generate
+    from effrun.families.causal_lm.models import build_model
 
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(config_dir() / "model/mixtral-tiny.yaml"))
     model = build_model(mcfg).eval()

@@ -6,8 +6,8 @@ torch = pytest.importorskip("torch")
 from omegaconf import OmegaConf  # noqa: E402
 
 from effrun.config.paths import config_dir  # noqa: E402
-from effrun.loops.infer import greedy_generate  # noqa: E402
-from effrun.models import build_model, hf_config  # noqa: E402
+from effrun.families.causal_lm.decode import greedy_generate  # noqa: E402
+from effrun.families.causal_lm.models import build_model, hf_config  # noqa: E402
 from effrun.techniques.hybrimoe import HybrimoeConfig  # noqa: E402
 from effrun.techniques.hybrimoe.capture import RoutingCapture, calibrate_cpu  # noqa: E402
 from effrun.techniques.hybrimoe.costs import build_costs, fit_cpu, moe_shape  # noqa: E402

@@ -2,7 +2,7 @@
 fails with exit 2 and one line naming the cause, before any solving."""
 import numpy as np
 
-from effrun.moe.trace import RoutingTrace
+from effrun.techniques._moe.trace import RoutingTrace
 
 TINY = ["model=mixtral-tiny", "logger=quiet"]
 

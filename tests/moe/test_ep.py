@@ -25,7 +25,7 @@ def _worker(rank, world, placements, out_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from effrun.moe.ep import ExpertParallel, ep_generate
+    from effrun.techniques._moe.ep import ExpertParallel, ep_generate
 
     groups = {4: None, 2: dist.new_group([0, 1])}
     res = {}
@@ -46,10 +46,10 @@ def _worker(rank, world, placements, out_dir):
 
 
 def test_ep_equals_single_process_and_counts(tmp_path):
-    from effrun.loops.infer import greedy_generate
-    from effrun.moe.ep import expected_dispatch_rows
-    from effrun.moe.placement import Topology, exflow_place, round_robin
-    from effrun.moe.trace import TraceRecorder
+    from effrun.families.causal_lm.decode import greedy_generate
+    from effrun.techniques._moe.ep import expected_dispatch_rows
+    from effrun.techniques._moe.placement import Topology, exflow_place, round_robin
+    from effrun.techniques._moe.trace import TraceRecorder
 
     refs, placements = {}, {}
     for name, (family, over, world) in CASES.items():

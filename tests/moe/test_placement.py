@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from effrun.errors import UserError
-from effrun.moe.placement import (Topology, brute_force, check_balanced, contiguous, evaluate, exflow_place,
+from effrun.techniques._moe.placement import (Topology, brute_force, check_balanced, contiguous, evaluate, exflow_place,
                                   expert_load, greedy, moetuner_place, pair_counts, placement_cost,
                                   planted_trace, round_robin, solve_direct, solve_partition)
 
@@ -119,7 +119,7 @@ def test_bad_input():
 
 
 def test_traffic_fractions_and_projection():
-    from effrun.moe.cost import ModelShape, project_step, traffic_fractions
+    from effrun.techniques._moe.cost import ModelShape, project_step, traffic_fractions
 
     tr, planted = _device_chains(4, 8, 4, 4000, seed=1)
     tr = tr[:, :, None]

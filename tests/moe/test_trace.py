@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from effrun.errors import UserError
-from effrun.moe.layers import find_moe_layers, run_single_expert
-from effrun.moe.trace import RoutingTrace, TraceRecorder
+from effrun.techniques._moe.layers import find_moe_layers, run_single_expert
+from effrun.techniques._moe.trace import RoutingTrace, TraceRecorder
 
 from .helpers import tiny_moe
 
@@ -47,7 +47,7 @@ def test_single_expert_helper_matches_manual_mixtral():
 
 def test_generate_trace_roundtrip_and_bad_input(tmp_path):
     model = tiny_moe("mixtral")
-    from effrun.loops.infer import greedy_generate
+    from effrun.families.causal_lm.decode import greedy_generate
 
     with TraceRecorder(model, meta={"split": "test"}) as rec:
         new, _ = greedy_generate(model, torch.tensor([[1, 2, 3, 4]]), 3)

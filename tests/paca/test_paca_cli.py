@@ -68,7 +68,7 @@ def test_smollm2_short_paca_finetune_lowers_eval_loss(need_assets, tmp_path):
 
     from effrun.config.compose import compose_checked
     from effrun.experiment import Experiment
-    from effrun.loops.loss import causal_lm_loss
+    from effrun.families.causal_lm.loss import causal_lm_loss
     from effrun.loops.train import evaluate, prepare_model
 
     cfg = compose_checked(["+technique=paca", "model=smollm2-135m", "data=shakespeare", "data.seq_len=48",

@@ -1,5 +1,5 @@
-"""Typed configuration: dataclasses registered in Hydra's ConfigStore."""
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore (core groups here; model and
+data dataclasses come from each task family)."""
 from effrun.config.schema import (  # noqa: F401
-    Config, DataConfig, HardwareConfig, LinkLevel, LoggerConfig, ModelConfig,
-    ParallelismConfig, RunConfig,
+    Config, HardwareConfig, LinkLevel, LoggerConfig, ParallelismConfig, RunConfig,
 )

@@ -185,3 +185,6 @@ def validate(cfg: DictConfig, *, running: bool = True) -> None:
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"unknown device {cfg.run.device!r}", key="run.device",
                         choices=["auto", "cpu", "cuda"])
+    from effrun.config.seams import validate_seams
+
+    validate_seams(cfg, running)

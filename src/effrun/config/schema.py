@@ -1,4 +1,5 @@
-"""Dataclasses behind every config group. Strict: unknown keys and wrong types fail composition.
+"""Dataclasses behind the core config groups. Strict: unknown keys and wrong types fail composition.
+The model and data groups are typed by each task family's own dataclasses (effrun.families).
 
 No torch import here: the CLI composes configs before it decides whether to import torch.
 """
@@ -6,39 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
-
-
-@dataclass
-class ModelConfig:
-    name: str = "llama-tiny"
-    description: str = ""
-    # transformers model_type ("llama", "mixtral", "qwen2_moe", "olmoe", "gpt2", ...)
-    family: str = "llama"
-    # random: built from hf_config with random weights; asset: real weights from a fetched asset;
-    # shape: a real model's shape, only for cost models (cannot be run here).
-    source: str = "random"
-    asset: Optional[str] = None
-    # "bytes" (vocab 256, no files needed) or "asset" (the asset's tokenizer)
-    tokenizer: str = "bytes"
-    hf_config: Dict[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
-    init_seed: int = 0
-
-
-@dataclass
-class DataConfig:
-    name: str = "shakespeare"
-    description: str = ""
-    # text: a plain-text corpus; jsonl: {"text": ...} or {"instruction","response"} rows;
-    # instruct: the instruction set effrun writes itself; synthetic: random tokens (no files)
-    kind: str = "text"
-    path: Optional[str] = None
-    seq_len: int = 128
-    batch_size: int = 4
-    eval_fraction: float = 0.05
-    eval_batches: int = 2
-    max_chars: Optional[int] = 2_000_000
-    seed: int = 0
 
 
 @dataclass
@@ -118,6 +86,7 @@ class RunConfig:
     grad_checkpointing: bool = False
     chunked_ce: int = 0  # >0: cross-entropy over chunks of this many tokens (logits never fully saved)
     eval_every: int = 0
+    eval_at_start: bool = False
     eval_at_end: bool = True
     checkpoint_every: int = 0
     resume: bool = False
@@ -130,28 +99,23 @@ class RunConfig:
     # infer
     max_new_tokens: int = 16
     prompt: str = "To be, or not to be"
+    # sequences generated together (row r is the prompt rotated by r tokens)
+    infer_batch_size: int = 1
     # test hook: exit hard after this many optimizer steps (simulates a kill)
     crash_after_steps: Optional[int] = None
 
 
 @dataclass
-class TraceConfig:
-    # record MoE routing traces (top-k expert ids + weights per token per MoE layer) during infer
-    record: bool = False
-    # where to write the trace (.npz, see effrun.moe.trace); null -> <run_dir>/routing_trace.npz
-    path: Optional[str] = None
-
-
-@dataclass
 class Config:
     mode: str = "train"  # train | infer | plan
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # model and data are typed by their task family's dataclasses (effrun.families.<name>): each
+    # model YAML starts with `defaults: [<family>_model]`, each data YAML with `[<family>_data]`
+    model: Any = None
+    data: Any = None
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    trace: TraceConfig = field(default_factory=TraceConfig)
     # technique configs are typed by each plugin's own dataclass; `technique2` lets a second,
     # compatible technique be composed with `+technique@technique2=NAME`.
     technique: Any = None

@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Sequence
 
-from effrun.costmodel.zero import project_zero, zero_iteration  # noqa: E402,F401  (re-export)
-
 
 @dataclass(frozen=True)
 class Level:

@@ -1,55 +1,139 @@
-"""Checkpoints: model state, optimizer, RNG, step and technique state; atomic, last two kept."""
+"""Checkpoints of the one train loop: engine state (model + optimizer, whole or per-rank shard),
+RNG, step, batch-plan and technique state.
+
+Layout: <run_dir>/checkpoints/step_<N>/rank_<r>.pt plus a `complete` marker that rank 0 writes
+after every rank's file is durable. A non-sharded engine's state is written by rank 0 only and
+read by every rank. Files are written to a unique temp name, fsynced, renamed, and the directory
+fsynced; loading uses `torch.load(weights_only=True)`. Resume takes the newest complete checkpoint
+that every rank can read, falling back to older ones with a warning; the last `keep` stay.
+"""
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from effrun.rundir import CKPT_DIR
 
+COMPLETE = "complete"
 
-def _dir(run_dir) -> Path:
+
+def _root(run_dir) -> Path:
     return Path(run_dir) / CKPT_DIR
 
 
+def _step_of(d: Path) -> int:
+    try:
+        return int(d.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_steps(run_dir) -> List[Path]:
+    """Complete checkpoint directories, newest first."""
+    root = _root(run_dir)
+    if not root.is_dir():
+        return []
+    ds = [d for d in root.glob("step_*") if d.is_dir() and (d / COMPLETE).exists() and _step_of(d) >= 0]
+    return sorted(ds, key=_step_of, reverse=True)
+
+
 def latest(run_dir) -> Optional[Path]:
-    d = _dir(run_dir)
-    if not d.is_dir():
-        return None
-    cks = sorted(d.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    return cks[-1] if cks else None
+    ds = complete_steps(run_dir)
+    return ds[0] if ds else None
 
 
-def save(run_dir, step: int, model, optimizer, techniques, keep: int = 2) -> Path:
-    from effrun.loops.loss import unwrap
-
-    d = _dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "techniques": {t.name: t.state_dict() for t in techniques},
-    }
-    path = d / f"step_{step}.pt"
-    tmp = d / f".step_{step}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(d.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-keep]:
-        old.unlink()
-    return path
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def load(path: Path, model, optimizer, techniques) -> int:
-    from effrun.loops.loss import unwrap
+def _durable_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    for t in techniques:
-        t.load_state_dict(state["techniques"].get(t.name, {}))
-    return int(state["step"])
+
+def _rank_file(d: Path, rank: int, sharded: bool) -> Path:
+    return d / f"rank_{rank if sharded else 0}.pt"
+
+
+def save(ctx, step: int, engine, plan, techniques, keep: int = 2) -> Path:
+    """Every rank calls it (collective: barrier). Returns the checkpoint directory."""
+    d = _root(ctx.run_dir) / f"step_{step}"
+    if ctx.is_main:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / COMPLETE).unlink(missing_ok=True)
+    ctx.barrier()
+    if hasattr(engine, "save_native"):  # an engine with its own format (DeepSpeed): collective
+        engine.save_native(d / "native")
+    state = {"step": step, "engine": engine.state_dict(), "rng": torch.get_rng_state(),
+             "plan": plan.state_dict(), "techniques": {t.name: t.state_dict() for t in techniques}}
+    if engine.sharded_checkpoint or ctx.is_main:
+        _durable_save(state, _rank_file(d, ctx.rank, engine.sharded_checkpoint))
+    ctx.barrier()
+    if ctx.is_main:
+        with open(d / COMPLETE, "w") as f:
+            f.write(f"{step} {ctx.world_size}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(d)
+        _prune(ctx.run_dir, keep)
+    return d
+
+
+def _prune(run_dir, keep: int) -> None:
+    done = complete_steps(run_dir)
+    for old in done[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = _step_of(done[0]) if done else -1
+    for d in _root(run_dir).glob("step_*"):  # torn checkpoints older than the newest complete one
+        if d.is_dir() and not (d / COMPLETE).exists() and _step_of(d) < newest:
+            shutil.rmtree(d, ignore_errors=True)
+    for tmp in _root(run_dir).glob("step_*/.*.tmp"):  # temp files a killed writer left
+        if _step_of(tmp.parent) < newest:
+            tmp.unlink(missing_ok=True)
+
+
+def load(ctx, engine, plan, techniques) -> int:
+    """Resume from the newest complete checkpoint every rank can read; returns its step (0: none)."""
+    for d in complete_steps(ctx.run_dir):
+        state, err = None, None
+        try:
+            state = torch.load(_rank_file(d, ctx.rank, engine.sharded_checkpoint), map_location="cpu",
+                               weights_only=True)
+        except Exception as e:  # truncated / corrupt / unreadable: try the previous one
+            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ok = ctx.all_reduce([0.0 if state is None else 1.0], op="min")[0] == 1.0
+        if not ok:
+            if ctx.is_main:
+                print(f"warning: checkpoint {d} is unreadable ({err or 'on another rank'}); "
+                      "falling back to an older one", file=sys.stderr)
+            continue
+        engine.load_state_dict(state["engine"])
+        if hasattr(engine, "load_native"):
+            engine.load_native(d / "native")
+        torch.set_rng_state(state["rng"])
+        plan.load_state_dict(state.get("plan") or {})
+        for t in techniques:
+            t.load_state_dict(state["techniques"].get(t.name, {}))
+        return int(state["step"])
+    return 0

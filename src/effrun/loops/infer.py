@@ -1,78 +1,85 @@
-"""The default inference loop: greedy decoding with a KV cache, TTFT / TBT / tokens per second."""
+"""The one inference loop: a session of timed rounds, with every technique's hooks around each.
+
+The session comes from a technique's `target_runner()` (non-torch targets), else from the task
+family (`infer_session(model, decoding, executor)`: a language model's prefill + decode rounds,
+an image model's speed protocol, a diffusion sampler's iterations). One definition of the latency
+metrics for all of them:
+- measured/ttft_s: the time of round 0 when the session's first round is a prefill;
+- measured/tbt_s: steady time / steady units (time between tokens for a language model);
+- measured/<unit>_per_s: steady units / steady time (steady = after the warm-up rounds and the
+  prefill); measured/decode_tokens_per_s is the same number for language models.
+"""
 from __future__ import annotations
 
 import time
 
 import torch
 
+from effrun.loops.train import _one
 from effrun.metrics.memory import peak_rss_mb, reset_peak_rss
 
 
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, on_token=None):
-    """Greedy decoding; returns (new token ids [B, n], per-token latencies in s)."""
-    device = input_ids.device
-    times, out = [], []
-    past = None
-    cur = input_ids
-    for i in range(max_new_tokens):
-        t0 = time.perf_counter()
-        res = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        nxt = res.logits[:, -1, :].argmax(dim=-1, keepdim=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        out.append(nxt)
-        cur = nxt
-        if on_token:
-            on_token(i)
-    return torch.cat(out, dim=1), times
-
-
-def infer(exp) -> None:
-    run = exp.cfg.run
-    model = exp.build_model()
-    for t in exp.techniques:
+def _session(ctx):
+    runner = _one(ctx, "target_runner")
+    if runner is not None:
+        return runner, None
+    fam = ctx.family
+    model = fam.build_model()
+    for t in ctx.techniques:
         model = t.transform_model(model)
     model.eval()
-    ids = torch.tensor([exp.tokenizer.encode(run.prompt)], device=exp.device)
-    rec = exp.start_recorder(run.max_new_tokens, title=f"infer {exp.cfg.model.name}")
+    session = fam.infer_session(model, _one(ctx, "decoding"), _one(ctx, "pipeline_executor"))
+    for t in ctx.techniques:  # hooks go in (and profiling passes run) before the first round
+        t.on_infer_start(model, session)
+    return session, model
+
+
+def infer(ctx) -> None:
+    rec, cuda = ctx.recorder, str(ctx.device).startswith("cuda")
+    session, model = _session(ctx)
+    names = "+".join(t.name for t in ctx.techniques) or "none"
+    ctx.start_recorder(session.total_rounds(), f"infer {names} {ctx.cfg.model.name}")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-    tcfg = exp.cfg.get("trace") or {}
-    if tcfg.get("record"):  # MoE routing traces (effrun.moe.trace); outputs are unchanged
-        from pathlib import Path
-
-        from effrun.moe.trace import TraceRecorder
-
-        with TraceRecorder(model, meta={"model": exp.cfg.model.name, "prompt": run.prompt}) as tr:
-            new, times = greedy_generate(model, ids, run.max_new_tokens, on_token=lambda i: None)
-        path = Path(tcfg.get("path") or exp.run_dir / "routing_trace.npz").expanduser()
-        trace = tr.trace()
-        if exp.is_main:
-            trace.save(path)
-        exp.summary["trace_path"] = str(path)
-        rec.set("measured/trace_tokens", trace.num_tokens)
-        rec.set("measured/trace_moe_layers", trace.num_layers)
-    else:
-        new, times = greedy_generate(model, ids, run.max_new_tokens,
-                                     on_token=lambda i: None)
-    for i, dt in enumerate(times):
-        rec.log_step(i, token_time_s=dt, tokens=1)
-    ttft = times[0]
-    decode = times[1:]
-    rec.set("measured/ttft_s", ttft)
-    if decode:
-        rec.set("measured/tbt_s", sum(decode) / len(decode))
-        rec.set("measured/decode_tokens_per_s", len(decode) / sum(decode))
-    rec.set("measured/prompt_tokens", ids.shape[1])
-    rec.set("measured/prefill_tokens_per_s", ids.shape[1] / ttft)
-    rec.set("measured/new_tokens", new.shape[1])
-    rec.set("measured/peak_mem_mb", torch.cuda.max_memory_allocated() / 2**20
-            if str(exp.device).startswith("cuda") else peak_rss_mb())
-    exp.summary["generated_text"] = exp.tokenizer.decode(new[0].tolist())
-    exp.summary["generated_ids"] = new[0].tolist()
+    unit = session.unit
+    times, units, steady, first_info = [], [], [], {}
+    for i, rnd in enumerate(session.rounds()):
+        for t in ctx.techniques:
+            t.before_round(i, rnd)
+        t0 = time.perf_counter()
+        n = rnd.run()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        row = {"round_time_s": dt, unit: n, "kind": rnd.kind, **rnd.row}
+        for t in ctx.techniques:
+            row.update(t.after_round(i, rnd, dt) or {})
+        rec.log_step(i, **row)
+        if hasattr(session, "observe"):
+            session.observe(rnd, dt)
+        warm = i < session.warmup_rounds or (session.first_is_latency and i == 0)
+        times.append(dt)
+        units.append(n)
+        if i == 0:
+            first_info = dict(rnd.info)
+        steady.append(bool(rnd.info.get("steady", not warm)))
+    for t in ctx.techniques:
+        t.on_infer_end()
+    if session.first_is_latency and times:
+        rec.set("measured/ttft_s", times[0])
+        tin = first_info.get("tokens_in")
+        if tin:
+            rec.set(f"measured/prefill_{unit}_per_s", tin / times[0])
+    st = sum(t for t, s in zip(times, steady) if s)
+    su = sum(u for u, s in zip(units, steady) if s)
+    if su and st > 0:
+        rec.set("measured/tbt_s", st / su)
+        rec.set(f"measured/{unit}_per_s", su / st)
+        if session.first_is_latency:
+            rec.set(f"measured/decode_{unit}_per_s", su / st)
+    # what the session produced in all (a language model: every new token, the prefill's included)
+    rec.set(f"measured/new_{unit}", sum(units))
+    rec.set("measured/rounds", len(times))
+    rec.set("measured/peak_mem_mb", torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb())
+    session.finish(rec)

@@ -61,39 +61,35 @@ def budget_gb(cfg) -> float:
     return float(b)
 
 
-def run_find_max_seq_len(exp) -> None:
+def run_find_max_seq_len(ctx) -> None:
     import torch
 
-    from effrun.loops.loss import causal_lm_loss, unwrap
-    from effrun.loops.train import prepare_model
+    from effrun.loops.batchplan import MicroBatch, StepPlan
+    from effrun.loops.train import Trainer
     from effrun.metrics.memory import peak_rss_mb, reset_peak_rss
 
-    cfg, run = exp.cfg, exp.cfg.run
+    cfg, run, fam = ctx.cfg, ctx.cfg.run, ctx.family
+    if not hasattr(fam, "random_batch"):
+        raise UserError(f"family {fam.spec.name!r} has no sequence length to search", key="run.find_max_seq_len")
     budget = budget_gb(cfg)
     budget_mb = budget * 1024
     limit = int(run.max_seq_len_search)
-    max_pos = getattr(exp.hf_config, "max_position_embeddings", None)
+    max_pos = getattr(fam.hf_config, "max_position_embeddings", None)
     if max_pos:
         limit = min(limit, int(max_pos))
     if limit < GRID:
         raise UserError(f"must be >= {GRID} (the search grid)", key="run.max_seq_len_search")
-    model, params = prepare_model(exp)
-    fwd = model
-    if run.compile:
-        if run.chunked_ce > 0:
-            unwrap(model).model.compile()
-        else:
-            fwd = torch.compile(model)
-    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
-    bs = exp.cfg.data.batch_size
-    cuda = str(exp.device).startswith("cuda")
+    tr = Trainer(ctx)  # the run's model, techniques, engine and loss: every probe is a real step
+    params = tr.params
+    bs = cfg.data.batch_size
+    cuda = str(ctx.device).startswith("cuda")
     gen = torch.Generator().manual_seed(run.seed)
-    rec = exp.start_recorder(None, title=f"max seq len <= {budget:g} GB")
+    rec = ctx.start_recorder(None, title=f"max seq len <= {budget:g} GB")
     results: Dict[int, Tuple[bool, Optional[float]]] = {}
 
     def fits(L: int) -> bool:
-        x = torch.randint(0, exp.vocab_size, (bs, L + 1), generator=gen)
-        inp, lab = x[:, :-1].to(exp.device), x[:, 1:].to(exp.device)
+        batch = fam.random_batch(L, bs, gen)
+        units = fam.units(batch)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -104,12 +100,7 @@ def run_find_max_seq_len(exp) -> None:
         t0 = time.perf_counter()
         ok, peak = True, None
         try:
-            loss = causal_lm_loss(fwd, inp, lab, run.chunked_ce)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for t in exp.techniques:
-                t.after_optimizer_step(-1)
+            tr.step(-1, plan=StepPlan([MicroBatch(batch)], n_global=units, units=units, samples=bs))
             if cuda:
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() / 2**20
@@ -118,9 +109,8 @@ def run_find_max_seq_len(exp) -> None:
             ok = peak <= budget_mb
         except torch.OutOfMemoryError:
             ok = False
-            opt.zero_grad(set_to_none=True)
-        finally:
-            loss = None
+            for p in params:
+                p.grad = None
         results[L] = (ok, peak)
         rec.log_step(len(results) - 1, seq_len=L, peak_mem_mb=peak, fits=ok,
                      probe_time_s=time.perf_counter() - t0)

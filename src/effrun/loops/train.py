@@ -1,148 +1,178 @@
-"""The default training loop: techniques transform the model, core runs steps and measures them."""
+"""The one training loop. Techniques supply pieces (model transforms, an engine, a batch plan, a
+loss, an update point); the loop keeps every promise for every technique: gradient accumulation,
+eval, checkpoint and resume, Slurm preemption and requeue, compile, export, metrics, the summary.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from effrun import slurm
+from effrun.errors import UserError
 from effrun.loops import checkpoint as ckpt
-from effrun.loops.loss import causal_lm_loss, unwrap
-from effrun.metrics.flops import count_params, mfu, nonembedding_params, train_flops_per_token
+from effrun.loops.batchplan import FixedBatches
+from effrun.loops.engine import PlainEngine
+from effrun.metrics.flops import count_params, mfu
 from effrun.metrics.memory import SavedTensorCounter, peak_rss_mb, reset_peak_rss
 
 
-def prepare_model(exp):
-    """Build the model, apply every technique's transform, enable checkpointing/compile."""
-    model = exp.build_model()
-    if exp.cfg.run.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    for t in exp.techniques:
-        model = t.transform_model(model)
-    model.train()
-    params = None
-    for t in exp.techniques:
-        params = t.trainable_parameters(model)
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    return model, params
+def _one(ctx, seam: str, *args):
+    """The single technique supplying `seam` (validation already refused two), or None."""
+    for t in ctx.techniques:
+        if t.overrides(seam):
+            out = getattr(t, seam)(*args)
+            if out is not None:
+                return out
+    return None
 
 
-def evaluate(exp, model) -> float:
-    was = model.training
-    model.eval()
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in exp.data.eval_iter():
-            tot += float(causal_lm_loss(model, x.to(exp.device), y.to(exp.device), exp.cfg.run.chunked_ce))
-            n += 1
-    model.train(was)
-    return tot / max(n, 1)
+class Trainer:
+    """Model, engine, batch plan and loss of one run, and one optimizer step over them."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        run, fam = ctx.cfg.run, ctx.family
+        model = fam.build_model()
+        if run.grad_checkpointing:
+            fam.enable_grad_checkpointing(model)
+        for t in ctx.techniques:
+            model = t.transform_model(model)
+        model.train()
+        params = None
+        for t in ctx.techniques:
+            p = t.trainable_parameters(model)
+            if p is not None:
+                params = list(p)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise UserError("nothing to train: no parameter requires a gradient", key="technique")
+        self.n_total, self.n_train = count_params(model), sum(p.numel() for p in params)
+        if run.compile:
+            model = fam.compile_model(model)
+        self.model, self.params = model, params
+        self.loss_fn = (lambda m, b: _one(ctx, "loss", m, b)) if any(t.overrides("loss") for t in ctx.techniques) \
+            else fam.loss
+        self.engine = _one(ctx, "engine", model, params) or PlainEngine(ctx, model, params)
+        self.plan = _one(ctx, "batch_plan") or FixedBatches(ctx)
+        self.updaters = [t for t in ctx.techniques if t.overrides("after_optimizer_step")]
+        self.cuda = str(ctx.device).startswith("cuda")
+
+    def step(self, step: int, measure_saved: bool = False, plan=None) -> Dict[str, Any]:
+        """One optimizer step over this rank's micro-batches; returns the row values."""
+        ctx, fam, eng = self.ctx, self.ctx.family, self.engine
+        sp = plan or self.plan.step(step)
+        sums: List[float] = []
+        out: Dict[str, Any] = {}
+        n = len(sp.micro_batches)
+        for i, mb in enumerate(sp.micro_batches):
+            batch = fam.to_device(mb.batch)
+
+            def closure(model, batch=batch):
+                s, _ = self.loss_fn(model, batch)
+                sums.append(float(s.detach()))
+                return s / sp.n_global
+
+            with (mb.context() if mb.context else contextlib.nullcontext()):
+                if measure_saved and i == 0:
+                    with SavedTensorCounter(eng.module) as counter:
+                        eng.forward_backward(closure, last=i == n - 1)
+                    out["saved"] = (counter.bytes, counter.count)
+                else:
+                    eng.forward_backward(closure, last=i == n - 1)
+        norm = eng.step()
+        if self.updaters:
+            with eng.full_model():
+                for t in self.updaters:
+                    t.after_optimizer_step(step)
+        if self.cuda:
+            torch.cuda.synchronize()
+        out["loss"] = ctx.all_reduce([sum(sums)])[0] / sp.n_global
+        out["grad_norm"] = norm
+        out["plan"] = sp
+        return out
+
+    def evaluate(self) -> Dict[str, float]:
+        with self.engine.eval_model() as m:
+            return self.ctx.family.evaluate(m, self.loss_fn)
 
 
-def train(exp) -> None:
-    cfg, run = exp.cfg, exp.cfg.run
-    data = exp.data
-    model, params = prepare_model(exp)
-    n_total, n_train = count_params(model), sum(p.numel() for p in params)
-    fwd_model = model
-    if exp.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        fwd_model = DDP(model, device_ids=None if exp.device == "cpu" else [exp.device])
-    if run.compile:
-        if run.chunked_ce > 0:  # the chunked loss calls the decoder itself: compile that, in place
-            unwrap(model).model.compile()
-        else:
-            fwd_model = torch.compile(fwd_model)
-    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
-
+def train(ctx) -> None:
+    cfg, run, fam = ctx.cfg, ctx.cfg.run, ctx.family
+    tr = Trainer(ctx)
+    eng, plan, rec = tr.engine, tr.plan, ctx.recorder
     start = 0
     # run.resume, or Slurm requeued this job (preemption/time limit): continue from the last checkpoint
-    last = ckpt.latest(exp.run_dir) if (run.resume or slurm.requeued()) else None
-    if last is not None:
-        start = ckpt.load(last, model, opt, exp.techniques)
-    rec = exp.start_recorder(run.max_steps, resume_from_step=start)
-    rec.update({"measured/params_total": n_total, "measured/params_trainable": n_train,
-                "measured/params_trainable_pct": 100.0 * n_train / max(n_total, 1)})
+    if run.resume or slurm.requeued():
+        start = ckpt.load(ctx, eng, plan, ctx.techniques)
+    names = "+".join(t.name for t in ctx.techniques) or "none"
+    ctx.start_recorder(run.max_steps, f"train {names} {cfg.model.name}", resume_from_step=start)
+    rec.update({"measured/params_total": tr.n_total, "measured/params_trainable": tr.n_train,
+                "measured/params_trainable_pct": 100.0 * tr.n_train / max(tr.n_total, 1)})
     if start:
         rec.set("measured/resumed_from_step", start)
-
-    hc = exp.hf_config
-    n_layers = getattr(hc, "num_hidden_layers", getattr(hc, "n_layer", 1))
-    hidden = getattr(hc, "hidden_size", getattr(hc, "n_embd", 1))
-    fpt = train_flops_per_token(nonembedding_params(model), n_layers, hidden, data.seq_len)
-    bs, ga = data.batch_size, run.grad_accum
-    tokens_per_step = bs * ga * data.seq_len * exp.world_size
-    cuda = str(exp.device).startswith("cuda")
-    if cuda:
+    if run.eval_at_start and start == 0:
+        for k, v in tr.evaluate().items():
+            rec.set(f"measured/{k}_start", v)
+    unit = fam.unit
+    if tr.cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
-
     for step in range(start, run.max_steps):
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for micro in range(ga):
-            index = (step * ga + micro) * exp.world_size + exp.rank
-            x, y = data.batch(index)
-            x, y = x.to(exp.device), y.to(exp.device)
-            measure = run.measure_saved_bytes and step == start and micro == 0 and exp.is_main
-            if measure:
-                with SavedTensorCounter(model) as counter:
-                    loss = causal_lm_loss(fwd_model, x, y, run.chunked_ce)
-                rec.set("measured/saved_bytes", counter.bytes)
-                rec.set("measured/saved_tensors", counter.count)
-            else:
-                loss = causal_lm_loss(fwd_model, x, y, run.chunked_ce)
-            (loss / ga).backward()
-            loss_sum += float(loss.detach())
-        if exp.world_size > 1:  # log the global mean loss, not rank 0's share
-            t = torch.tensor([loss_sum], dtype=torch.float64)
-            torch.distributed.all_reduce(t)
-            loss_sum = float(t) / exp.world_size
-        if run.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for t in exp.techniques:
-            t.after_optimizer_step(step)
-        if cuda:
-            torch.cuda.synchronize()
+        measure = run.measure_saved_bytes and step == start and ctx.is_main
+        res = tr.step(step, measure_saved=measure)
         dt = time.perf_counter() - t0
-        row = dict(loss=loss_sum / ga, step_time_s=dt, tokens=tokens_per_step, samples=bs * ga * exp.world_size,
-                   tokens_per_s=tokens_per_step / dt)
+        sp = res["plan"]
+        if "saved" in res:
+            rec.set("measured/saved_bytes", res["saved"][0])
+            rec.set("measured/saved_tensors", res["saved"][1])
+        row = {"loss": res["loss"], "step_time_s": dt, unit: sp.units, "samples": sp.samples,
+               f"{unit}_per_s": sp.units / dt, "grad_norm": res["grad_norm"]}
+        row.update(eng.step_metrics())
+        row.update(plan.after_step(step, {"step_time_s": dt, "loss": res["loss"]}))
         if run.eval_every and (step + 1) % run.eval_every == 0:
-            row["eval_loss"] = evaluate(exp, fwd_model)
+            row.update(tr.evaluate())
         rec.log_step(step, **row)
-        if run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 and exp.is_main:
-            ckpt.save(exp.run_dir, step + 1, model, opt, exp.techniques)
-        if exp.world_size > 1:
-            torch.distributed.barrier()
-        if slurm.should_stop(exp, step):  # Slurm signalled a preemption/time limit
-            if exp.is_main:
-                ckpt.save(exp.run_dir, step + 1, model, opt, exp.techniques)
-            if exp.world_size > 1:
-                torch.distributed.barrier()
+        saved = bool(run.checkpoint_every) and (step + 1) % run.checkpoint_every == 0
+        if saved:
+            ckpt.save(ctx, step + 1, eng, plan, ctx.techniques)
+        if slurm.should_stop(ctx, step):  # Slurm signalled a preemption/time limit (same answer on all ranks)
+            if not saved:
+                ckpt.save(ctx, step + 1, eng, plan, ctx.techniques)
             raise slurm.Requeue(step + 1)
         if run.crash_after_steps is not None and step + 1 >= run.crash_after_steps:
             os._exit(137)  # test hook: a kill -9 after this step
     slurm.stop_polling()
+    _finish(ctx, tr)
 
-    rec.aggregate_steps()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
-    rec.set("measured/peak_mem_mb", peak)
+
+def _finish(ctx, tr: Trainer) -> None:
+    run, fam, rec = ctx.cfg.run, ctx.family, ctx.recorder
+    rec.aggregate_steps(units=(fam.unit, "samples"))
+    rec.set("measured/peak_mem_mb", torch.cuda.max_memory_allocated() / 2**20 if tr.cuda else peak_rss_mb())
     rec.set("measured/peak_rss_mb", peak_rss_mb())
-    tps = rec.summary.get("measured/tokens_per_s")
-    rec.set("measured/mfu", mfu(tps, fpt, exp.peak_tflops()))
-    rec.set("measured/flops_per_token", fpt)
+    fpu = fam.flops_per_unit(tr.engine.module)
+    if fpu:
+        rec.set(f"measured/flops_per_{fam.unit[:-1] if fam.unit.endswith('s') else fam.unit}", fpu)
+        rec.set("measured/mfu", mfu(rec.summary.get(f"measured/{fam.unit}_per_s"), fpu, ctx.peak_tflops()))
     if run.eval_at_end:
-        rec.set("measured/eval_loss", evaluate(exp, fwd_model))
-    if run.export and exp.is_main:
-        out = exp.run_dir / "export"
-        if exp.techniques:
-            exp.techniques[-1].export(model, out)
-        else:
-            unwrap(model).save_pretrained(out)
-        exp.summary["export_dir"] = str(out)
+        for k, v in tr.evaluate().items():
+            rec.set(f"measured/{k}", v)
+    rec.update(tr.engine.summary())
+    rec.update(tr.plan.summary())
+    if run.export:
+        out = ctx.run_dir / "export"
+        with tr.engine.full_model() as m:
+            if ctx.is_main:
+                path = None
+                for t in reversed(ctx.techniques):
+                    if t.overrides("export"):
+                        path = t.export(m, out)
+                        if path:
+                            break
+                rec.set("info/export_dir", path or fam.export(m, out))

@@ -1,4 +1,9 @@
-"""Metrics recorder: per-step rows and a summary, with measured/ and projected/ keys kept apart."""
+"""Metrics recorder: per-step rows and a summary, with measured/ and projected/ keys kept apart.
+
+The one channel for summary keys: loops, families and techniques all write through it. Keys start
+with measured/ (run here), projected/ (a cost model) or info/ (non-numeric facts such as paths or
+generated text); a handful of run metadata keys (META_KEYS) are written by the experiment.
+"""
 from __future__ import annotations
 
 import math
@@ -6,15 +11,21 @@ import statistics
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
-PREFIXES = ("measured/", "projected/")
-META_KEYS = {"run_id", "status", "error", "mode", "model", "technique", "techniques", "hardware",
-             "config_hash", "run_dir", "started_at", "finished_at", "allocator", "device",
-             "world_size", "notes", "export_dir"}
+PREFIXES = ("measured/", "projected/", "info/")
+META_KEYS = {"run_id", "status", "error", "mode", "model", "family", "technique", "techniques", "hardware",
+             "config_hash", "run_dir", "started_at", "finished_at", "allocator", "device", "world_size"}
 
 
 def check_key(key: str) -> None:
     if key not in META_KEYS and not key.startswith(PREFIXES):
-        raise ValueError(f"metric key {key!r} must start with measured/ or projected/")
+        raise ValueError(f"metric key {key!r} must start with measured/, projected/ or info/")
+
+
+def matches(key: str, patterns) -> bool:
+    """Does a summary key match one of the declared fnmatch patterns?"""
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(key, p) for p in patterns)
 
 
 class Recorder:
@@ -51,8 +62,8 @@ class Recorder:
         for k, v in values.items():
             self.set(k, v)
 
-    def aggregate_steps(self) -> None:
-        """Step time, samples/s and tokens/s over steady-state steps (median and mean)."""
+    def aggregate_steps(self, units=("tokens", "samples")) -> None:
+        """Step time and <unit>/s (tokens, images, samples, ...) over steady-state steps."""
         rows = self.steady_rows()
         if not rows:
             return
@@ -61,7 +72,7 @@ class Recorder:
         self.set("measured/step_time_mean_s", sum(times) / len(times))
         self.set("measured/steps_timed", len(times))
         tot = sum(times)
-        for unit in ("tokens", "samples"):
+        for unit in units:
             n = sum(r.get(unit, 0) for r in rows)
             if n and tot > 0:
                 self.set(f"measured/{unit}_per_s", n / tot)

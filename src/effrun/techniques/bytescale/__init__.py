@@ -20,9 +20,9 @@ DISTRIBUTIONS = ("byted", "github", "fixed")
 @dataclass
 class ByteScaleConfig:
     name: str = "bytescale"
-    # strategy trained and reported; the baselines run on the same batches, step by step, in the same run
+    # how each step's batch is planned: balance / naive (HDP) or static (the DP x CP mesh baseline);
+    # the recipe runs the three on the same batches (same seeds) and `effrun report` compares them
     strategy: str = "balance"
-    baselines: List[str] = field(default_factory=lambda: ["static", "naive"])
     balance: str = "dp"  # dp | pp (Alg. 2 DP-Balance / PP-Balance)
     capacity: int = 1024  # C: tokens per rank per micro-batch
     delta: float = 0.05  # balance tolerance: ranks lagging the max by more than delta get more work
@@ -42,8 +42,8 @@ class ByteScaleConfig:
     # selective activation offload (Eq. 3)
     offload: bool = False
     offload_bw_GBps: float = 0.0  # 0 -> hardware.host_link bandwidth (or 16 GB/s without one)
-    # cluster-scale projection
-    project: bool = True
+    # cluster-scale projection (also at the end of a train run when project=true)
+    project: bool = False
     project_models: List[str] = field(default_factory=lambda: ["llama-7b", "llama-13b", "llama-70b"])
     project_hardware: List[str] = field(default_factory=lambda: ["h100-sxm", "a100-80g"])
     project_contexts: List[int] = field(default_factory=lambda: [262144, 524288, 1048576, 2097152])
@@ -57,9 +57,6 @@ class ByteScaleConfig:
 def check(cfg, node) -> None:
     if node.strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {node.strategy!r}", key="technique.strategy", choices=STRATEGIES)
-    for b in node.baselines:
-        if b not in STRATEGIES:
-            raise UserError(f"unknown baseline {b!r}", key="technique.baselines", choices=STRATEGIES)
     if node.balance not in ("dp", "pp"):
         raise UserError(f"unknown balance mode {node.balance!r}", key="technique.balance", choices=["dp", "pp"])
     if node.distribution not in DISTRIBUTIONS:
@@ -80,6 +77,8 @@ def check(cfg, node) -> None:
         raise UserError(f"delta={node.delta} must be in [0, 1)", key="technique.delta")
     if node.min_len < 1 or node.max_len < node.min_len:
         raise UserError(f"need 1 <= min_len ({node.min_len}) <= max_len ({node.max_len})", key="technique.max_len")
+    if cfg.mode == "plan":
+        return
     world = cfg.parallelism.world_size
     longest = max(node.fixed_lengths) if node.distribution == "fixed" and node.fixed_lengths else node.max_len
     if node.distribution == "fixed" and not node.fixed_lengths:
@@ -100,11 +99,29 @@ def check(cfg, node) -> None:
         raise UserError("must be in (0, 1]", key="technique.project_mfu")
 
 
+def unsupported_run(cfg, node):
+    return {"grad_accum": "the HDP plan sets each rank's micro-batches itself (every sequence of the "
+                          "global batch once per step); set technique.tokens_per_step instead",
+            "compile": "the ring attention exchanges blocks between ranks inside the forward",
+            "grad_checkpointing": "a recompute would re-run the ring exchanges out of step with the peers",
+            "find_max_seq_len": "sequence lengths come from the length distribution, not from a probe"}
+
+
+TRAIN_KEYS = ("?measured/token_imbalance", "?measured/compute_imbalance*", "?measured/compute_wall_imbalance",
+              "?measured/predicted_imbalance", "?measured/comm_wait_s", "?measured/micro_batches_*",
+              "measured/max_tokens_per_rank_micro_batch", "measured/capacity_tokens", "info/strategy",
+              "measured/ring_bytes_sent_rank0", "?measured/offloaded_bytes_rank0", "?measured/cost_fit/*",
+              "measured/optimizer_state_bytes_*", "?projected/*")
+PLAN_KEYS = ("projected/*",)
+
+
 spec = TechniqueSpec(
     name="bytescale", config=ByteScaleConfig, plugin="effrun.techniques.bytescale.plugin:ByteScale",
-    modes=("train",), owns_loop=("train",), hardware="project", check=check,
-    conflicts=("zeropp3",),
+    modes=("train", "plan"), hardware="project", check=check,
+    seams={"train": ("engine", "batch_plan")}, unsupported_run=unsupported_run,
+    metrics={"train": TRAIN_KEYS, "plan": PLAN_KEYS},
     smoke_overrides={"train": ("technique.max_len=128", "technique.min_len=16", "technique.capacity=128",
-                               "technique.tokens_per_step=512", "technique.project=false",
-                               "technique.baselines=[]")},
+                               "technique.tokens_per_step=512"),
+                     "plan": ("technique.project_models=[llama-7b]", "technique.project_hardware=[h100-sxm]",
+                              "technique.project_contexts=[262144]", "technique.project_batches=1")},
     description="ByteScale HDP: dynamic DP x CP with ring attention over rank subsets, balance scheduler")

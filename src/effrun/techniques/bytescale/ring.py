@@ -145,10 +145,13 @@ def ring_attention(q, k, v, scale, layout: Layout):
 def attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """HF attention interface: query [1,H,T,D], key/value [1,Hkv,T,D] -> ([1,T,H,D], None)."""
     lay = _CURRENT
-    if lay is None:
-        raise RuntimeError("bytescale attention called outside use_layout()")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if lay is None:  # no plan layout (evaluation on fixed blocks): plain causal attention per row
+        n_rep = query.shape[1] // key.shape[1]
+        k, v = (torch.repeat_interleave(t, n_rep, dim=1) if n_rep > 1 else t for t in (key, value))
+        o = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scale)
+        return o.transpose(1, 2).contiguous(), None
     q, k, v = query[0], key[0], value[0]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     n_rep = q.shape[0] // k.shape[0]
     parts = []
     n_ring = lay.ring_tokens[lay.me] if lay.ring else 0

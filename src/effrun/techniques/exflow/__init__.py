@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from effrun.errors import UserError
-from effrun.moe.plugin_base import PlacementFields, check_common, placement_spec
+from effrun.techniques._moe.plugin_base import PlacementFields, check_common, placement_spec
 
 
 @dataclass

@@ -15,6 +15,7 @@ POLICIES = ("mrs", "lru", "lfu")
 COMPARE = ("ktransformers", "ktransformers_layers", "llamacpp", "ondemand_lru", "all_cpu",
            "hybrimoe_noprefetch", "hybrimoe_lru", "hybrimoe_lfu", "hybrimoe_mrs")
 EXECUTION = ("auto", "model", "real")
+REAL_POLICIES = ("hybrimoe", "ktransformers", "ktransformers_layers", "ondemand_lru", "all_cpu")
 CPU_COSTS = ("auto", "measured", "hardware")
 # how much link time a layer's prefetches may take: up to the next layer's predicted end (the
 # transfers also overlap that layer's compute), or only up to its start (never in its way)
@@ -37,6 +38,8 @@ class HybrimoeConfig:
     # auto: real CPU+GPU execution when CUDA is present and the target is cuda, else model;
     # model: experts computed on this CPU, GPU/PCIe timed by the target's model; real: needs a GPU
     execution: str = "auto"
+    # execution=real: the policy the real executor runs (baselines: one run each, same prompt)
+    real_policy: str = "hybrimoe"
     # CPU expert costs: measured (fit on this machine's warm-up run), hardware (target host spec),
     # auto (measured in infer, hardware in plan)
     cpu_costs: str = "auto"
@@ -84,6 +87,9 @@ def check(cfg, node) -> None:
     for c in node.compare:
         if c not in COMPARE:
             raise UserError(f"unknown baseline {c!r}", key="technique.compare", choices=COMPARE)
+    if node.real_policy not in REAL_POLICIES:
+        raise UserError(f"unknown real policy {node.real_policy!r}", key="technique.real_policy",
+                        choices=REAL_POLICIES)
     if node.execution not in EXECUTION:
         raise UserError(f"unknown execution {node.execution!r}", key="technique.execution", choices=EXECUTION)
     if node.prefetch_budget not in PREFETCH_BUDGETS:
@@ -146,7 +152,13 @@ def _linked_hardware() -> List[str]:
 
 
 spec = TechniqueSpec(name="hybrimoe", config=HybrimoeConfig, plugin="effrun.techniques.hybrimoe.plugin:Hybrimoe",
-                     modes=("infer", "plan"), owns_loop=("infer", "plan"), hardware="project", check=check,
+                     modes=("infer", "plan"), hardware="project", check=check,
+                     metrics={"infer": ("projected/*", "?measured/expert_calls_on_cpu", "?measured/cpu_*",
+                                        "?measured/prefetch_prediction_accuracy", "info/execution",
+                                        "?info/timeline_plot", "?measured/cost/*", "?measured/hybrimoe/*",
+                                        "?measured/ktransformers*/*", "?measured/ondemand_lru/*",
+                                        "?measured/all_cpu/*"),
+                              "plan": ("projected/*", "?info/timeline_plot")},
                      smoke_overrides={"infer": ("model=mixtral-tiny", "hardware=rtx-a6000", "run.max_new_tokens=3",
                                                 "run.threads=1", "technique.calibrate_max_s=1", "technique.plot=false"),
                                       "plan": ("model=mixtral-8x7b", "hardware=rtx-a6000", "technique.plot=false",

@@ -146,7 +146,7 @@ class RoutingCapture:
     def profile_generate(self, ids, new_tokens: int) -> List[Forward]:
         """A profiling pass: greedy generation of `new_tokens` from `ids` on the attached model,
         one Forward recorded per model forward (the prompt, then each decoded token)."""
-        from effrun.loops.infer import greedy_generate
+        from effrun.families.causal_lm.decode import greedy_generate
 
         m, trace = self.model, []
         orig = m.forward

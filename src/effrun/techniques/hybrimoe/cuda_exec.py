@@ -19,7 +19,7 @@ from effrun.techniques.hybrimoe.capture import find_moe_blocks
 from effrun.techniques.hybrimoe.hss import hss
 from effrun.techniques.hybrimoe.sim import capacity_of
 
-REAL_POLICIES = ("hybrimoe", "ktransformers", "ktransformers_layers", "ondemand_lru", "all_cpu")
+from effrun.techniques.hybrimoe import REAL_POLICIES  # noqa: E402,F401
 
 
 def _ffn(x, gu, dn, act):
@@ -233,72 +233,65 @@ class HybridExecutor:
             self.stats["prefetches"] += 1
 
 
-def run_real(plugin, dev: str = "cuda") -> None:
-    """`effrun infer +technique=hybrimoe` on a machine with CUDA: real hybrid execution, with the
-    baselines measured the same way, one after the other on the same prompt (dev="cpu" runs the
-    same code without a GPU, for tests)."""
-    from effrun.models import build_model
+class OnDevice(torch.nn.Module):
+    """The executor's model behind a module that moves tensor inputs to its device (the loop's
+    session may hold its ids on another device)."""
+
+    def __init__(self, model, dev: str):
+        super().__init__()
+        self.inner, self.dev = model, dev
+
+    def forward(self, **kw):
+        return self.inner(**{k: (v.to(self.dev) if torch.is_tensor(v) else v) for k, v in kw.items()})
+
+
+class RealRun:
+    """One policy's real hybrid execution inside effrun's infer loop; records its counters."""
+
+    def __init__(self, ex: "HybridExecutor", costs):
+        self.ex, self.costs = ex, costs
+
+    def reset_stats(self) -> None:
+        self.ex.stats = {k: 0 for k in self.ex.stats}
+
+    def record(self, rec) -> None:
+        st, pol = self.ex.stats, self.ex.policy
+        rec.set("measured/cost/xfer_s", self.costs.xfer)
+        rec.set("measured/cost/gpu_exp_s", self.costs.gpu_exp)
+        rec.set("measured/cost/cpu_exp_s", self.costs.cpu_exp)
+        rec.set("measured/cost/cpu_tok_s", self.costs.cpu_tok)
+        rec.set(f"measured/{pol}/hit_rate", st["hits"] / max(1, st["activations"]))
+        for k, v in st.items():
+            rec.set(f"measured/{pol}/{k}", v)
+        rec.set("info/execution", f"real ({pol}): GPU cache + PCIe copy stream + CPU experts on {self.ex.dev}")
+
+
+def real_executor(plugin, model, dev: Optional[str] = None):
+    """Install the HybridExecutor for `technique.real_policy` on `model` (built by the family):
+    CPU expert costs calibrated, copy and GPU expert times measured, the fixed mapping profiled on
+    the prompt; returns (RealRun, the model to run). dev="cpu" runs the same code without a GPU."""
     from effrun.techniques.hybrimoe.capture import calibrate_cpu_stable
     from effrun.techniques.hybrimoe.costs import fit_cpu
 
-    exp, c, run = plugin.exp, plugin.cfg, plugin.exp.cfg.run
-    rec = exp.start_recorder(run.max_new_tokens, title=f"infer hybrimoe (real) {exp.cfg.model.name}")
-    ids_list = exp.tokenizer.encode(run.prompt)
-    results, tokens = {}, {}
-    policies = ["hybrimoe"] + [p for p in c.compare if p in REAL_POLICIES]
-    ref_model = build_model(exp.cfg.model, device="cpu", dtype=exp.cfg.run.dtype).eval()
-    if not find_moe_blocks(ref_model):
+    dev = dev or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to("cpu").eval()
+    blocks = find_moe_blocks(model)
+    if not blocks:
         from effrun.errors import UserError
 
-        raise UserError(f"model {exp.cfg.model.name!r}: no MoE block with a router .gate and 3-D .experts "
+        raise UserError(f"model {plugin.ctx.cfg.model.name!r}: no MoE block with a router .gate and 3-D .experts "
                         "weights in this transformers version", key="model")
-    calib, _ = calibrate_cpu_stable(find_moe_blocks(ref_model)[0][1].experts, plugin.shape.hidden,
-                                    dtype=ref_model.dtype)
+    calib, _ = calibrate_cpu_stable(blocks[0][1].experts, plugin.shape.hidden, dtype=model.dtype)
     costs = plugin.costs(fit_cpu(calib))
-    costs.xfer, costs.gpu_exp = _measure_gpu(ref_model, dev)
-    del ref_model
-    rec.set("measured/cost/xfer_s", costs.xfer)
-    rec.set("measured/cost/gpu_exp_s", costs.gpu_exp)
-    rec.set("measured/cost/cpu_exp_s", costs.cpu_exp)
-    rec.set("measured/cost/cpu_tok_s", costs.cpu_tok)
+    costs.xfer, costs.gpu_exp = _measure_gpu(model, dev)
     # one profiling pass (prompt + 8 tokens): the fixed mapping's GPU set, and every cache's warm start
-    static = _profile_static(build_model(exp.cfg.model, device="cpu", dtype=exp.cfg.run.dtype).eval(),
-                             ids_list, plugin, dev)
-    for pol in policies:
-        model = build_model(exp.cfg.model, device="cpu", dtype=exp.cfg.run.dtype).eval()
-        ex = HybridExecutor(model, dev, costs, policy=pol, cache_ratio=c.cache_ratio, cache_policy=c.cache_policy,
-                            alpha=c.mrs_alpha, prefetch=c.prefetch, static=static,
-                            prefetch_budget=c.prefetch_budget).attach()
-        ids = torch.tensor([ids_list], device=dev)
-        from effrun.loops.infer import greedy_generate
-
-        greedy_generate(model, ids, 2)  # warm-up
-        ex.stats = {k: 0 for k in ex.stats}
-        toks, times = greedy_generate(model, ids, run.max_new_tokens)
-        tokens[pol] = toks[0].tolist()
-        dec = times[1:]
-        results[pol] = {"ttft_s": times[0], "tbt_s": sum(dec) / max(1, len(dec)),
-                        "decode_tokens_per_s": len(dec) / sum(dec) if dec else None,
-                        "hit_rate": ex.stats["hits"] / max(1, ex.stats["activations"]), **ex.stats}
-        if pol == "hybrimoe":
-            for i, dt in enumerate(times):
-                rec.log_step(i, token_time_s=dt, tokens=1)
-        del model, ex
-        if dev.startswith("cuda"):
-            torch.cuda.empty_cache()
-    for pol, r in results.items():
-        for k, v in r.items():
-            rec.set(f"measured/{pol}/{k}", v)
-    ref = tokens["hybrimoe"]
-    rec.set("measured/tokens_match_fraction", {p: sum(a == b for a, b in zip(t, ref)) / len(ref)
-                                                for p, t in tokens.items()}.get("all_cpu", 1.0))
-    for base in ("ktransformers", "ktransformers_layers"):
-        if base in results and results[base].get("decode_tokens_per_s"):
-            rec.set(f"measured/speedup_decode_vs_{base}",
-                    results["hybrimoe"]["decode_tokens_per_s"] / results[base]["decode_tokens_per_s"])
-    rec.set("measured/execution", "real: GPU cache + PCIe copy stream + CPU experts")
-    exp.summary["generated_ids"] = ref
-    exp.summary["generated_text"] = exp.tokenizer.decode(ref)
+    ids = plugin.ctx.family.prompt_ids().to("cpu")[0].tolist()
+    static = _profile_static(model, ids, plugin, dev)
+    c = plugin.cfg
+    ex = HybridExecutor(model, dev, costs, policy=c.real_policy, cache_ratio=c.cache_ratio,
+                        cache_policy=c.cache_policy, alpha=c.mrs_alpha, prefetch=c.prefetch, static=static,
+                        prefetch_budget=c.prefetch_budget).attach()
+    return RealRun(ex, costs), OnDevice(model, dev)
 
 
 def _measure_gpu(model, dev):

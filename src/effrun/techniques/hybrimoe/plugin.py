@@ -1,8 +1,13 @@
-"""HybriMoE plugin: owns the infer loop (real generation + projected timelines) and plan mode."""
+"""HybriMoE on effrun's infer loop (hooks, no loop of its own) and plan mode.
+
+infer, execution=model: every expert computed for real on this CPU; the routing of each round is
+captured by hooks and fed to the live HSS scheduler (projected GPU + PCIe timeline of the target);
+at the end the baselines are replayed over the same routing. execution=real (CUDA): the
+HybridExecutor serves the experts (GPU cache + PCIe + CPU experts) inside the same loop.
+plan: the same simulator over synthetic or trace routing for real model shapes."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Dict, List
 
 from effrun.errors import UserError
@@ -16,9 +21,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 class Hybrimoe(Technique):
     def validate(self) -> None:
-        shape = moe_shape(self.exp.hf_config)
+        shape = moe_shape(self.ctx.family.hf_config)
         if shape is None:
-            raise UserError(f"model {self.exp.cfg.model.name!r} has no routed experts", key="model")
+            raise UserError(f"model {self.ctx.cfg.model.name!r} has no routed experts", key="model")
         self.shape = shape
         if self.execution() == "real":
             import torch
@@ -30,7 +35,7 @@ class Hybrimoe(Technique):
     def execution(self) -> str:
         if self.cfg.execution != "auto":
             return self.cfg.execution
-        if self.exp.mode == "infer" and self.exp.cfg.hardware.kind == "cuda":
+        if self.ctx.mode == "infer" and self.ctx.cfg.hardware.kind == "cuda":
             import torch
 
             return "real" if torch.cuda.is_available() else "model"
@@ -40,11 +45,11 @@ class Hybrimoe(Technique):
     def bytes_per_param(self) -> float:
         if self.cfg.weight_bits:
             return self.cfg.weight_bits / 8.0
-        return float(DTYPE_BYTES.get(self.exp.cfg.run.dtype, 4))
+        return float(DTYPE_BYTES.get(self.ctx.cfg.run.dtype, 4))
 
     def costs(self, cpu_fit=None) -> CostModel:
-        dtype = "bfloat16" if self.cfg.weight_bits and self.cfg.weight_bits < 16 else self.exp.cfg.run.dtype
-        return build_costs(self.shape, self.exp.cfg.hardware, self.cfg, self.bytes_per_param(), dtype, cpu_fit)
+        dtype = "bfloat16" if self.cfg.weight_bits and self.cfg.weight_bits < 16 else self.ctx.cfg.run.dtype
+        return build_costs(self.shape, self.ctx.cfg.hardware, self.cfg, self.bytes_per_param(), dtype, cpu_fit)
 
     def simulator(self, policy: str, costs: CostModel, static, record_events=()) -> Simulator:
         """A Simulator for `policy` with this run's cache / MRS / prefetch settings."""
@@ -76,7 +81,7 @@ class Hybrimoe(Technique):
             results[pol]["prefetch_budget_violations"] = st.prefetch_budget_violations
             results[pol]["max_cache_experts_per_layer"] = st.max_cache_size
             sims[pol] = sim
-        hw, model = self.exp.cfg.hardware.name, self.exp.cfg.model.name
+        hw, model = self.ctx.cfg.hardware.name, self.ctx.cfg.model.name
         rec.set("projected/hardware", hw)
         rec.set("projected/model", model)
         rec.set("projected/cost_source", costs.source)
@@ -99,31 +104,25 @@ class Hybrimoe(Technique):
         for p in ("mrs", "lru", "lfu"):
             rec.set(f"projected/demand_hit_rate/{p}",
                     demand_hit_rate(trace, sh.experts, c.cache_ratio, p, sh.top_k, c.mrs_alpha, c.mrs_top_p))
-        if c.plot and self.exp.is_main:
+        if c.plot and self.ctx.is_main:
             try:
                 from effrun.techniques.hybrimoe.plot import timeline_png
 
-                path = timeline_png(sims, self.exp.run_dir / "plots" / "hybrimoe_timeline.png",
+                path = timeline_png(sims, self.ctx.run_dir / "plots" / "hybrimoe_timeline.png",
                                     title=f"{model} on {hw}, cache {c.cache_ratio:g}")
                 if path:
-                    self.exp.summary["notes"] = f"timeline plot: {path}"
+                    rec.set("info/timeline_plot", str(path))
             except ImportError:
                 pass
         return results
 
-    # --- modes ----------------------------------------------------------------------------------
-    def run(self, mode: str) -> None:
-        if mode == "plan":
-            return self._plan()
-        if self.execution() == "real":
-            from effrun.techniques.hybrimoe.cuda_exec import run_real
-
-            return run_real(self)
-        return self._infer_model()
+    # --- plan mode ------------------------------------------------------------------------------
+    def plan(self) -> None:
+        self._plan()
 
     def _plan(self) -> None:
         c, sh = self.cfg, self.shape
-        rec = self.exp.start_recorder(1, title=f"plan hybrimoe {self.exp.cfg.model.name}")
+        rec = self.ctx.start_recorder(1, f"plan hybrimoe {self.ctx.cfg.model.name}")
         if c.routing_trace:
             trace = self._trace_for_shape(c.routing_trace, "technique.routing_trace")
             rec.set("projected/routing", f"trace:{c.routing_trace}")
@@ -158,7 +157,7 @@ class Hybrimoe(Technique):
             experts = len(next(iter(first.layers.values())).counts)
             if experts != sh.experts:
                 raise UserError(f"trace {path!r} routes over {experts} experts, model "
-                                f"{self.exp.cfg.model.name!r} has {sh.experts}", key=key)
+                                f"{self.ctx.cfg.model.name!r} has {sh.experts}", key=key)
             if sorted(first.layers) == list(sh.moe_layers) and len(streams) == 1:
                 return streams[0]
             return tile_streams(streams, sh.moe_layers)
@@ -167,81 +166,78 @@ class Hybrimoe(Technique):
         except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
             raise UserError(f"cannot use routing trace {path!r}: {type(e).__name__}: {e}", key=key) from e
 
-    def _infer_model(self) -> None:
-        import torch
+    # --- infer: hooks around the infer loop's rounds ------------------------------------------
+    def transform_model(self, model):
+        if self.ctx.mode != "infer" or self.execution() != "real":
+            return model
+        from effrun.techniques.hybrimoe.cuda_exec import real_executor
 
-        from effrun.metrics.memory import peak_rss_mb, reset_peak_rss
+        self.executor, model = real_executor(self, model)
+        return model
+
+    def on_infer_start(self, model, session) -> None:
+        self.session = session
+        if self.execution() == "real":
+            from effrun.families.causal_lm.decode import generate
+
+            generate(model, session.input_ids, 2)  # warm-up (kernels, caches), outside the timed rounds
+            self.executor.reset_stats()
+            return
         from effrun.techniques.hybrimoe.capture import RoutingCapture, calibrate_cpu_stable
 
-        exp, c, run = self.exp, self.cfg, self.exp.cfg.run
-        model = exp.build_model()
-        model.eval()
+        c, ids = self.cfg, session.input_ids
         cap = RoutingCapture(model).attach()
         if not cap.blocks:
-            raise UserError(f"model {exp.cfg.model.name!r} has no hookable MoE blocks", key="model")
-        ids = torch.tensor([exp.tokenizer.encode(run.prompt)], device=exp.device)
-        # warm-up run: calibrates the CPU cost per expert (a + b * tokens) on this machine
-        # warm-up / profiling pass: its routing gives the fixed mapping's GPU set and every
-        # cache's warm start (the live scheduler cannot see the future)
+            raise UserError(f"model {self.ctx.cfg.model.name!r} has no hookable MoE blocks", key="model")
+        # warm-up / profiling pass (the family's generation, untimed): its routing gives the fixed
+        # mapping's GPU set and every cache's warm start (the live scheduler cannot see the future)
         warm = cap.profile_generate(ids, max(1, c.calibrate_tokens))
-        static = static_sets(warm, capacity_of(c.cache_ratio, self.shape.experts), self.shape.experts)
-        calib, passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype,
-                                              max_s=c.calibrate_max_s)
-        fit = fit_cpu(calib)
-        use_measured = c.cpu_costs in ("auto", "measured")
-        costs = self.costs(fit if use_measured else None)
-        live = self.simulator("hybrimoe", costs, static)
+        self.static = static_sets(warm, capacity_of(c.cache_ratio, self.shape.experts), self.shape.experts)
+        # calibrates the CPU cost per expert (a + b * tokens) on this machine
+        calib, self.passes = calibrate_cpu_stable(cap.blocks[0][1].experts, self.shape.hidden, dtype=model.dtype,
+                                                  max_s=c.calibrate_max_s)
+        self.fit = fit_cpu(calib)
+        self.live_costs = self.costs(self.fit if c.cpu_costs in ("auto", "measured") else None)
+        self.live = self.simulator("hybrimoe", self.live_costs, self.static)
         cap.samples.clear()
         cap.pred_hits = cap.pred_total = 0
-        trace: List[Forward] = []
-        rec = exp.start_recorder(run.max_new_tokens, title=f"infer hybrimoe {exp.cfg.model.name}")
-        reset_peak_rss()
-        times, out = [], []
-        past, cur = None, ids
-        with torch.no_grad():
-            for i in range(run.max_new_tokens):
-                t0 = time.perf_counter()
-                cap.begin(int(cur.shape[1]))
-                res = model(input_ids=cur, past_key_values=past, use_cache=True)
-                fw = cap.end(logits=1)
-                past = res.past_key_values
-                nxt = res.logits[:, -1, :].argmax(dim=-1, keepdim=True)
-                dt = time.perf_counter() - t0
-                proj = live.step(fw)
-                trace.append(fw)
-                times.append(dt)
-                out.append(nxt)
-                cur = nxt
-                rec.log_step(i, token_time_s=dt, tokens=1, projected_token_time_s=proj)
+        self.cap, self.trace = cap, []
+
+    def before_round(self, i, rnd) -> None:
+        if self.execution() != "real":
+            self.cap.begin(int(rnd.info["tokens_in"]))
+
+    def after_round(self, i, rnd, dt):
+        if self.execution() == "real":
+            return None
+        fw = self.cap.end(logits=1)
+        self.trace.append(fw)
+        return {"projected_token_time_s": self.live.step(fw)}
+
+    def on_infer_end(self) -> None:
+        if self.execution() == "real":
+            self.executor.record(self.ctx.recorder)
+            return
+        import statistics
+
+        rec, cap = self.ctx.recorder, self.cap
         cap.detach()
-        new = torch.cat(out, dim=1)
-        rec.set("measured/ttft_s", times[0])
-        if len(times) > 1:
-            dec = times[1:]
-            rec.set("measured/tbt_s", sum(dec) / len(dec))
-            rec.set("measured/decode_tokens_per_s", len(dec) / sum(dec))
-        rec.set("measured/prompt_tokens", ids.shape[1])
-        rec.set("measured/prefill_tokens_per_s", ids.shape[1] / times[0])
-        rec.set("measured/new_tokens", new.shape[1])
-        rec.set("measured/peak_mem_mb", peak_rss_mb())
         rec.set("measured/expert_calls_on_cpu", len(cap.samples))
         if cap.samples:
-            import statistics
-
             rec.set("measured/cpu_expert_call_median_s", statistics.median(t for _, t in cap.samples))
-        rec.set("measured/cpu_calibration_passes", passes)
-        if fit:
-            rec.set("measured/cpu_expert_overhead_s", fit[0])
-            rec.set("measured/cpu_expert_per_token_s", fit[1])
+        rec.set("measured/cpu_calibration_passes", self.passes)
+        if self.fit:
+            rec.set("measured/cpu_expert_overhead_s", self.fit[0])
+            rec.set("measured/cpu_expert_per_token_s", self.fit[1])
         rec.set("measured/prefetch_prediction_accuracy", cap.prediction_accuracy)
-        rec.set("measured/execution", "experts on this CPU; GPU and PCIe timed by the target model")
-        self.simulate(trace, costs, int(ids.shape[1]), rec, static=static)
+        rec.set("info/execution", "experts on this CPU; GPU and PCIe timed by the target model")
+        self.simulate(self.trace, self.live_costs, int(self.session.input_ids.shape[1]), rec, static=self.static)
         # the live scheduler and the replay are the same code: they must agree
         rec.set("projected/live_vs_replay_max_abs_diff_s",
-                max(abs(a - b) for a, b in zip(live.stats.time_s, self._replay_times(trace, costs, static))))
-        (exp.run_dir / "routing_trace.json").write_text(json.dumps([fw.to_json() for fw in trace]))
-        exp.summary["generated_text"] = exp.tokenizer.decode(new[0].tolist())
-        exp.summary["generated_ids"] = new[0].tolist()
+                max(abs(a - b) for a, b in zip(self.live.stats.time_s,
+                                               self._replay_times(self.trace, self.live_costs, self.static))))
+        if self.ctx.is_main:
+            (self.ctx.run_dir / "routing_trace.json").write_text(json.dumps([fw.to_json() for fw in self.trace]))
 
     def _replay_times(self, trace, costs, static) -> List[float]:
         return self.simulator("hybrimoe", costs, static).run(trace).time_s

@@ -3,7 +3,7 @@ clusters to devices minimising inter-device tokens between adjacent layers, weig
 hardware target's link costs (intra- vs inter-node)."""
 from dataclasses import dataclass
 
-from effrun.moe.plugin_base import PlacementFields, check_common, placement_spec
+from effrun.techniques._moe.plugin_base import PlacementFields, check_common, placement_spec
 
 
 @dataclass

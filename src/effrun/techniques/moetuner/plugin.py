@@ -1,4 +1,4 @@
-from effrun.moe.technique import PlacementTechnique
+from effrun.techniques._moe.technique import PlacementTechnique
 
 
 class MoETuner(PlacementTechnique):

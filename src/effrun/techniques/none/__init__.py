@@ -1,4 +1,5 @@
-"""Full fine-tuning: every parameter trains. The baseline every training technique is compared with."""
+"""No technique: the plain model through the default loops (in training, every parameter trains).
+The same run as `full`; kept so `+technique=none` sweeps keep working."""
 from dataclasses import dataclass
 
 from effrun.technique import TechniqueSpec
@@ -10,4 +11,4 @@ class NoneConfig:
 
 
 spec = TechniqueSpec(name="none", config=NoneConfig, plugin="effrun.techniques.none.plugin:FullFineTune",
-                     modes=("train", "infer"), description="full fine-tuning / unmodified model (baseline)")
+                     modes=("train", "infer"), families=("*",), description="no technique: the plain model (training: every parameter trains, as `full`)")

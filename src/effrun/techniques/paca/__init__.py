@@ -47,4 +47,5 @@ def check(cfg, node) -> None:
 
 spec = TechniqueSpec(name="paca", config=PacaConfig, plugin="effrun.techniques.paca.plugin:Paca",
                      modes=("train",), conflicts=("lora", "dora"), check=check,
+                     metrics={"train": ("measured/paca_layers", "measured/paca_r", "?measured/qpaca_*")},
                      description="PaCA: train r random input columns of each linear in place (QPaCA: NF4/int8 base)")

@@ -160,12 +160,12 @@ def merge_paca(model) -> None:
 
 class Paca(Technique):
     def transform_model(self, model):
-        from effrun.loops.loss import unwrap
+        from effrun.families.causal_lm.loss import unwrap
 
         c = self.cfg
-        seed = c.seed if c.seed is not None else self.exp.cfg.run.seed
-        if c.quantize != "none" and not str(self.exp.device).split(":")[0] in ("cpu", "cuda"):
-            raise UserError(f"quantize={c.quantize} is not supported on device {self.exp.device}",
+        seed = c.seed if c.seed is not None else self.ctx.cfg.run.seed
+        if c.quantize != "none" and not str(self.ctx.device).split(":")[0] in ("cpu", "cuda"):
+            raise UserError(f"quantize={c.quantize} is not supported on device {self.ctx.device}",
                             key="technique.quantize", choices=["none"])
         self.layers = apply_paca(unwrap(model), c.r, c.alpha, as_list(c.target_modules), seed,
                                  c.quantize, c.quant_block, c.double_quant)
@@ -194,7 +194,7 @@ class Paca(Technique):
 
     def export(self, model, path):
         """A plain HF directory: PaCA layers merged into nn.Linear; loads with from_pretrained."""
-        from effrun.loops.loss import unwrap
+        from effrun.families.causal_lm.loss import unwrap
 
         base = unwrap(model)
         for m in paca_modules(base).values():
@@ -211,7 +211,7 @@ class Paca(Technique):
         finally:
             for name, m in saved.items():
                 _set_module(base, name, m)
-        tok = getattr(self.exp.tokenizer, "tok", None)
+        tok = getattr(self.ctx.family.tokenizer, "tok", None)
         if tok is not None:
             tok.save_pretrained(path)
         return str(path)

@@ -34,6 +34,10 @@ class Zeropp3Config:
     compute_efficiency: float = 0.45   # fraction of peak the math kernels reach (assumption)
     calibrate_from: Optional[str] = None  # a summary.json with measured/mfu from a real GPU run
     overlap: float = 0.0               # fraction of communication hidden behind compute
+    # --- engine=deepspeed ---
+    overlap_comm: bool = False         # DeepSpeed's overlap of reduce/gather with compute
+    # a DeepSpeed config (JSON or YAML file) merged over the generated one, as DeepSpeed users keep it
+    deepspeed_config: Optional[str] = None
 
 
 def dims(p):
@@ -78,6 +82,16 @@ def check(cfg, node) -> None:
         raise UserError(f"ZeRO++ (scheme={node.scheme}, qwZ={node.quantized_weights}, "
                         f"qgZ={node.quantized_gradients}) needs ZeRO stage 3, got zero_stage={p.zero_stage}",
                         key="parallelism.zero_stage", choices=[0, 3])
+    names = [n.get("name") for n in (cfg.get("technique"), cfg.get("technique2")) if n is not None]
+    if node.engine == "deepspeed" and "paca" in names:
+        raise UserError("PaCA writes its trained columns into the frozen weights between steps; DeepSpeed "
+                        "ZeRO-3 partitions those weights too, so the update cannot reach them: use "
+                        "technique.engine=effrun with PaCA", key="technique.engine", choices=["effrun"])
+    if node.deepspeed_config is not None:
+        from pathlib import Path
+
+        if not Path(str(node.deepspeed_config)).expanduser().is_file():
+            raise UserError(f"no DeepSpeed config file {node.deepspeed_config!r}", key="technique.deepspeed_config")
     if node.engine == "deepspeed":
         on_gpu = cfg.hardware.kind in ("cuda", "rocm") and cfg.run.device != "cpu"
         if not on_gpu and (node.quantized_weights or node.quantized_gradients):
@@ -89,9 +103,30 @@ def check(cfg, node) -> None:
             raise UserError("DeepSpeed rejects fp16 on CPU", key="run.dtype", choices=["float32", "bfloat16"])
 
 
+def unsupported_run(cfg, node):
+    out = {"compile": "the partitioned engines gather weights in module hooks, which torch.compile "
+                      "does not trace here"}
+    if node.engine == "effrun":
+        out["grad_checkpointing"] = ("activation recompute would re-run the layer gathers the byte "
+                                     "formulas count once")
+    return out
+
+
+TRAIN_KEYS = ("?measured/bytes_per_iter_*", "?measured/cross_node_bytes_per_node_over_M", "?measured/model_bytes_M",
+              "?measured/state_bytes_*", "?measured/hpz_group_size", "?measured/gather_units",
+              "?measured/peak_gathered_bytes", "?projected/formula_*", "?info/hierarchy", "?measured/deepspeed_*")
+PLAN_KEYS = ("projected/target", "projected/params", "projected/compute_efficiency",
+             "projected/compute_efficiency_source", "projected/*_tflops_per_device_at_*",
+             "projected/*_scaling_efficiency_at_*", "projected/*_comm_s_at_*",
+             "projected/*_scaling_efficiency_multinode_at_*", "projected/*_model_state_GB_at_*",
+             "projected/*_over_*_tflops_at_*")
+# the smoke run uses the effrun engine: its keys must appear there
+SMOKE_KEYS = ("measured/bytes_per_iter_*", "projected/formula_*", "info/hierarchy")
+
 spec = TechniqueSpec(
     name="zeropp3", config=Zeropp3Config, plugin="effrun.techniques.zeropp3.plugin:Zeropp3",
-    modes=("train", "plan"), owns_loop=("train", "plan"), hardware="project", check=check,
-    conflicts=("lora", "dora", "paca"),
+    modes=("train", "plan"), hardware="project", check=check,
+    conflicts=("lora", "dora"), seams={"train": ("engine",)}, unsupported_run=unsupported_run,
+    metrics={"train": TRAIN_KEYS + SMOKE_KEYS, "plan": PLAN_KEYS},
     smoke_overrides={"train": ("technique.quantized_gradients=true",), "plan": ("model=gpt-20b", "hardware=mi250x-gcd")},
     description="ZeRO-3 / ZeRO++ / 3-level hierarchical partitioning (effrun or DeepSpeed engine) + cost model")

@@ -126,6 +126,7 @@ class PartitionedEngine:
         self.full = self.units[0].full  # for dtype / element size
         self.opt = torch.optim.AdamW([u.shard for u in self.units], lr=lr, weight_decay=weight_decay)
         self.hpz_group = {"zero3": None, "zeropp": hier.node_group(rank), "hier3": hier.pair_group(rank)}[scheme]
+        self._in_step = False
         for u in self.units:
             self.release(u)
 
@@ -232,44 +233,59 @@ class PartitionedEngine:
         return sum(quant.dequantize(r, c, 4, b) for r in recv)
 
     # --- one optimizer step over micro-batches -----------------------------------------------
-    def train_step(self, micro_batches, loss_fn) -> float:
-        """micro_batches: list of (x, y); loss_fn(model, x, y) -> scalar loss (mean)."""
-        ga = len(micro_batches)
-        for u in self.units:
-            u.gsum.zero_()
-        loss_sum = 0.0
-        for x, y in micro_batches:
+    def micro_step(self, closure) -> torch.Tensor:
+        """Forward + backward of one micro-batch; closure(model) returns the scalar to back-propagate.
+        Gradients are reduced unit by unit as they are ready and summed into each unit's gsum."""
+        if not self._in_step:
             for u in self.units:
-                u.ready, u.reduced = 0, False
-            if self.by_layer:
-                loss = loss_fn(self.model, x, y)
-                with warnings.catch_warnings():  # the embedding's input needs no gradient: expected
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-            else:
-                u = self.units[0]
-                self.gather_for_forward(u)
-                loss = loss_fn(self.model, x, y)
-                self.release(u)
-                self.gather_for_backward(u)
+                u.gsum.zero_()
+            self._in_step = True
+        for u in self.units:
+            u.ready, u.reduced = 0, False
+        if self.by_layer:
+            loss = closure(self.model)
+            with warnings.catch_warnings():  # the embedding's input needs no gradient: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-            for u in self.units:  # whole-model mode, or a unit whose parameters got no gradient
-                if not u.reduced:
-                    self._reduce_unit(u)
-            loss_sum += float(loss.detach())
+        else:
+            u = self.units[0]
+            self.gather_for_forward(u)
+            loss = closure(self.model)
+            self.release(u)
+            self.gather_for_backward(u)
+            loss.backward()
+        for u in self.units:  # whole-model mode, or a unit whose parameters got no gradient
+            if not u.reduced:
+                self._reduce_unit(u)
+        return loss.detach()
+
+    def optimizer_step(self) -> float:
+        """Clip (global norm over every rank's chunk) and step the sharded AdamW; returns the
+        pre-clip global gradient norm. The gradient is the sum the micro-steps reduced."""
         sq = torch.zeros(1, dtype=torch.float64)
         for u in self.units:
-            u.last_grad = u.gsum / (self.W * ga)  # mean gradient of this rank's chunk, before clipping
+            u.last_grad = u.gsum.clone()  # this rank's chunk of the global gradient, before clipping
             sq += u.last_grad.double().pow(2).sum()
-        coef = 1.0
-        if self.max_grad_norm:
-            if self.W > 1:
-                dist.all_reduce(sq)  # control scalar, not counted
-            coef = min(1.0, self.max_grad_norm / (float(sq.sqrt()) + 1e-6))
+        if self.W > 1:
+            dist.all_reduce(sq)  # control scalar, not counted
+        norm = float(sq.sqrt())
+        coef = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm else 1.0
         for u in self.units:
             u.shard.grad = (u.last_grad * coef).to(u.shard.dtype)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._in_step = False
+        return norm
+
+    def train_step(self, micro_batches, loss_fn) -> float:
+        """micro_batches: list of (x, y); loss_fn(model, x, y) -> scalar mean loss of a micro-batch.
+        The step's gradient is the mean over ranks and micro-batches (each loss / (W x ga))."""
+        ga = len(micro_batches)
+        loss_sum = 0.0
+        for x, y in micro_batches:
+            loss = self.micro_step(lambda m, x=x, y=y: loss_fn(m, x, y) / (self.W * ga))
+            loss_sum += float(loss) * self.W * ga
+        self.optimizer_step()
         loss_t = torch.tensor([loss_sum / ga], dtype=torch.float64)
         if self.W > 1:
             dist.all_reduce(loss_t)

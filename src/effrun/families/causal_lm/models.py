@@ -23,11 +23,13 @@ def hf_config(mcfg):
         from effrun.assets import asset_path
 
         return AutoConfig.from_pretrained(str(asset_path(mcfg.asset)))
+    if mcfg.source == "local":
+        return AutoConfig.from_pretrained(str(local_path(mcfg)))
     kwargs = OmegaConf.to_container(mcfg.hf_config, resolve=True) if not isinstance(mcfg.hf_config, dict) else dict(mcfg.hf_config)
     try:
-        return AutoConfig.for_model(mcfg.family, **kwargs)
+        return AutoConfig.for_model(mcfg.arch, **kwargs)
     except ValueError as e:
-        raise UserError(str(e).splitlines()[0], key="model.family") from e
+        raise UserError(str(e).splitlines()[0], key="model.arch") from e
 
 
 def build_model(mcfg, device="cpu", dtype: str = "float32", **from_config_kwargs):
@@ -41,14 +43,29 @@ def build_model(mcfg, device="cpu", dtype: str = "float32", **from_config_kwargs
         from effrun.assets import asset_path
 
         model = AutoModelForCausalLM.from_pretrained(str(asset_path(mcfg.asset)), dtype=td, **from_config_kwargs)
+    elif mcfg.source == "local":
+        model = AutoModelForCausalLM.from_pretrained(str(local_path(mcfg)), dtype=td, **from_config_kwargs)
     elif mcfg.source == "random":
         cfg = hf_config(mcfg)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mcfg.init_seed)
             model = AutoModelForCausalLM.from_config(cfg, dtype=td, **from_config_kwargs)
     else:
-        raise UserError(f"unknown model source {mcfg.source!r}", key="model.source", choices=["random", "asset", "shape"])
+        raise UserError(f"unknown model source {mcfg.source!r}", key="model.source",
+                        choices=["random", "asset", "local", "shape"])
     return model.to(device)
+
+
+def local_path(mcfg):
+    """model.source=local: a transformers model directory of the user's (e.g. a trained tiny MoE)."""
+    from pathlib import Path
+
+    if not mcfg.path:
+        raise UserError("model.source=local needs model.path (a transformers model directory)", key="model.path")
+    d = Path(str(mcfg.path)).expanduser()
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d} is not a transformers model directory (no config.json)", key="model.path")
+    return d
 
 
 class ByteTokenizer:
@@ -84,8 +101,14 @@ class HFTokenizer:
 def build_tokenizer(mcfg):
     if mcfg.tokenizer == "bytes":
         return ByteTokenizer()
+    if mcfg.tokenizer == "local":
+        return HFTokenizer(str(local_path(mcfg)), local_name(mcfg))
     if mcfg.tokenizer == "asset":
         from effrun.assets import asset_path
 
         return HFTokenizer(str(asset_path(mcfg.asset)), mcfg.asset)
-    raise UserError(f"unknown tokenizer {mcfg.tokenizer!r}", key="model.tokenizer", choices=["bytes", "asset"])
+    raise UserError(f"unknown tokenizer {mcfg.tokenizer!r}", key="model.tokenizer", choices=["bytes", "asset", "local"])
+
+
+def local_name(mcfg) -> str:
+    return f"local-{str(mcfg.path).rstrip('/').rsplit('/', 1)[-1]}"

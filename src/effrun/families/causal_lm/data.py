@@ -33,6 +33,17 @@ def _text_files(dcfg) -> List[Path]:
     raise UserError("a text data config needs data.path", key="data.path")
 
 
+def _read_text(path: Path) -> str:
+    """A text file as str; a binary file (NUL bytes, or mostly undecodable) is refused."""
+    raw = path.read_bytes()
+    head = raw[:65536]
+    text = raw.decode("utf-8", errors="replace")
+    bad = head.decode("utf-8", errors="replace").count("\ufffd")
+    if b"\x00" in head or bad > max(8, len(head) // 100):
+        raise UserError(f"{path} is not UTF-8 text (a binary file?)", key="data.path")
+    return text
+
+
 def instruction_examples(n: int = 512, seed: int = 0) -> List[dict]:
     """A small instruction set we write ourselves: tasks a small model can learn in a few steps."""
     rng = random.Random(seed)
@@ -65,7 +76,7 @@ def load_texts(dcfg) -> Tuple[str, str]:
     """(train_text, eval_text). Eval is held out by document (the last fraction of files/rows)."""
     if dcfg.kind == "text":
         files = _text_files(dcfg)
-        docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        docs = [_read_text(f) for f in files]
     elif dcfg.kind == "jsonl":
         if not dcfg.path:
             raise UserError("a jsonl data config needs data.path", key="data.path")
@@ -128,7 +139,7 @@ class TokenBlocks:
                                        dcfg.eval_fraction, dcfg.seed, len(train), len(ev)]).encode()).hexdigest()[:12]
         f = cache_dir() / "tokens" / f"{dcfg.name}-{tokenizer.name}-{key}.pt"
         if f.exists():
-            d = torch.load(f)
+            d = torch.load(f, weights_only=True)
             return d["train"], d["eval"]
         out = (torch.tensor(tokenizer.encode(train), dtype=torch.long), torch.tensor(tokenizer.encode(ev), dtype=torch.long))
         f.parent.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ class TraceRecorder:
     """
 
     def __init__(self, model, layers=None, meta: Optional[Dict[str, Any]] = None):
-        from effrun.moe.layers import require_moe
+        from effrun.techniques._moe.layers import require_moe
 
         self.model = model
         self.layers = layers if layers is not None else require_moe(model)
@@ -173,7 +173,7 @@ class TraceRecorder:
                 self._calls.append((1, -1))
 
         self._handles.append(self.model.register_forward_pre_hook(top_hook, with_kwargs=True))
-        from effrun.moe.layers import _split_args
+        from effrun.techniques._moe.layers import _split_args
 
         for i, layer in enumerate(self.layers):
             def hook(mod, args, kwargs, i=i):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from effrun.moe.layers import find_moe_layers
+from effrun.techniques._moe.layers import find_moe_layers
 
 SCHEMES = ("standard", "coherent")
 
