@@ -36,7 +36,7 @@ POLICIES = ["hybrimoe", "ktransformers", "ktransformers_layers", "llamacpp", "on
 def heldout_text(chars: int = 20000) -> str:
     from omegaconf import OmegaConf
 
-    from effrun.config.schema import DataConfig
+    from effrun.families.causal_lm import CausalLMData as DataConfig
     from effrun.families.causal_lm.data import load_texts
 
     dcfg = OmegaConf.structured(DataConfig(name="shakespeare", kind="text"))
@@ -177,7 +177,8 @@ def projections(args, out):
     from omegaconf import OmegaConf
 
     from effrun.config.paths import config_dir
-    from effrun.config.schema import HardwareConfig, ModelConfig
+    from effrun.config.schema import HardwareConfig
+    from effrun.families.causal_lm import CausalLMModel as ModelConfig
     from effrun.families.causal_lm.models import hf_config
     from effrun.techniques.hybrimoe import HybrimoeConfig
     from effrun.techniques.hybrimoe.costs import build_costs, moe_shape

@@ -93,7 +93,7 @@ def effrun_loop(cfg, root: Path) -> dict:
             exp.run()
     finally:
         Recorder.log_step = log_step
-    rows = [r for r in exp.recorder.rows if "step_time_s" in r]
+    rows = [r for r in exp.ctx.recorder.rows if "step_time_s" in r]
     return {"ends": [r["time"] for r in rows], "step_times": [r["step_time_s"] for r in rows], "cpu": cpu,
             "saved_bytes_step0": exp.summary.get("measured/saved_bytes")}
 

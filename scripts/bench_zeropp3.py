@@ -94,7 +94,7 @@ def main():
 
     from effrun.config.paths import config_dir
     from effrun.costmodel import levels_from_hardware
-    from effrun.costmodel.zero import project_zero, ratio
+    from effrun.techniques.zeropp3.costmodel import project_zero, ratio
 
     P, Pn = 20_256_509_952, 19_934_859_264  # gpt-20b (configs/model/gpt-20b.yaml), counted on the meta device
     for hw in ("mi250x-gcd", "h100-sxm"):

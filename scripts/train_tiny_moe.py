@@ -93,7 +93,7 @@ def main(argv=None):
     (out / "traces").mkdir(parents=True, exist_ok=True)
     (out / ".complete").unlink(missing_ok=True)
 
-    from effrun.config.schema import DataConfig
+    from effrun.families.causal_lm import CausalLMData as DataConfig
     from effrun.families.causal_lm.data import TokenBlocks
     dcfg = OmegaConf.structured(DataConfig(name="shakespeare", kind="text", seq_len=args.seq_len,
                                            batch_size=args.batch, max_chars=3_000_000))

@@ -28,10 +28,10 @@ def test_train_tiny_on_real_text_with_eval(effrun):
     assert s["measured/eval_loss"] > 0 and s["measured/saved_bytes"] > 0
     assert s["measured/mfu"] is None  # this CPU has no known peak
     rows = r.metrics()
-    assert "eval_loss" in rows[1] and all(k.startswith(("measured/", "projected/")) or k in
-                                          ("run_id", "status", "mode", "model", "technique", "techniques",
-                                           "hardware", "config_hash", "run_dir", "started_at", "finished_at",
-                                           "allocator", "world_size") for k in s)
+    assert "eval_loss" in rows[1] and all(k.startswith(("measured/", "projected/", "info/")) or k in
+                                          ("run_id", "status", "mode", "model", "family", "technique",
+                                           "techniques", "hardware", "config_hash", "run_dir", "started_at",
+                                           "finished_at", "allocator", "world_size") for k in s)
     run_dir = r.run_dirs()[-1]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "run_id").read_text().strip() == s["run_id"]
 
@@ -43,14 +43,14 @@ def test_lora_trains_fewer_params_and_exports_a_plain_hf_dir(effrun):
     assert 0 < s["measured/params_trainable"] < s["measured/params_total"]
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(s["export_dir"])
+    m = AutoModelForCausalLM.from_pretrained(s["info/export_dir"])
     assert not any("lora" in n for n, _ in m.named_parameters())
 
 
 def test_infer_tiny_reports_latency(effrun):
     r = effrun("infer", "model=llama-tiny", "logger=quiet", "run.max_new_tokens=4")
     s = r.summary()
-    assert s["measured/ttft_s"] > 0 and s["measured/new_tokens"] == 4 and len(s["generated_ids"]) == 4
+    assert s["measured/ttft_s"] > 0 and s["measured/new_tokens"] == 4 and len(s["info/generated_ids"]) == 4
 
 
 def test_ls_and_validate(effrun):

@@ -14,17 +14,15 @@ def test_infer_cli_real_cpu_experts_and_projected_baselines(effrun):
     s = r.summary()
     assert s["status"] == "completed"
     # reference: the plain model, greedy, same prompt (the default infer loop's tokens)
-    from omegaconf import OmegaConf
-
-    from effrun.config.paths import config_dir
-    from effrun.config.schema import ModelConfig, RunConfig
+    from effrun.config.compose import compose_checked
+    from effrun.config.schema import RunConfig
     from effrun.families.causal_lm.decode import greedy_generate
     from effrun.families.causal_lm.models import build_model
 
-    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(config_dir() / "model/mixtral-tiny.yaml"))
+    mcfg = compose_checked(["model=mixtral-tiny", "mode=plan"]).model
     model = build_model(mcfg).eval()
     ids = torch.tensor([list(RunConfig().prompt.encode())])
-    assert s["generated_ids"] == greedy_generate(model, ids, 4)[0][0].tolist()
+    assert s["info/generated_ids"] == greedy_generate(model, ids, 4)[0][0].tolist()
     # measured here, projected for the target; every policy from the same routing
     assert s["measured/new_tokens"] == 4 and s["measured/ttft_s"] > 0
     assert s["measured/cpu_expert_per_token_s"] >= 0 and s["measured/cpu_expert_overhead_s"] >= 0

@@ -23,10 +23,9 @@ def one_thread():
 
 
 def _model(name):
-    from effrun.config.schema import ModelConfig
+    from effrun.config.compose import compose_checked
 
-    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                           OmegaConf.load(config_dir() / "model" / f"{name}.yaml"))
+    mcfg = compose_checked([f"model={name}", "mode=plan"]).model
     return build_model(mcfg).eval(), hf_config(mcfg)
 
 
@@ -165,26 +164,26 @@ def test_hybrid_executor_layer_mapping_on_cpu():
     assert set(ex.slots[l0]) == set(range(8)) and not ex.slots[l1]
 
 
-def test_real_execution_loop_runs_without_a_gpu(tmp_path):
-    """run_real (the CUDA path of `effrun infer`) end to end with dev='cpu': all policies measured,
-    tokens of every policy equal, summary keys measured/."""
+def test_real_execution_path_through_the_infer_loop_without_a_gpu(tmp_path):
+    """execution=real (the CUDA path of `effrun infer`) through effrun's infer loop with the
+    executor's device set to the CPU: every policy's counters add up and every policy generates
+    the plain model's tokens."""
     from effrun.config.compose import compose_checked
     from effrun.experiment import Experiment
-    from effrun.techniques.hybrimoe.cuda_exec import run_real
 
-    cfg = compose_checked(["mode=infer", "+technique=hybrimoe", "model=mixtral-tiny", "hardware=rtx-a6000",
-                           "run.max_new_tokens=4", "logger=quiet", "technique.calibrate_max_s=0.5",
-                           "technique.compare=[ktransformers,ktransformers_layers,ondemand_lru,all_cpu]"])
-    exp = Experiment(cfg, tmp_path)
-    exp.run_id = "t"
-    plugin = exp.techniques[0]
-    plugin.validate()
-    run_real(plugin, dev="cpu")
-    s = exp.recorder.summary
+    out, ref = {}, None
     for pol in ("hybrimoe", "ktransformers", "ktransformers_layers", "ondemand_lru", "all_cpu"):
-        assert s[f"measured/{pol}/decode_tokens_per_s"] > 0
+        cfg = compose_checked(["mode=infer", "+technique=hybrimoe", "model=mixtral-tiny", "hardware=rtx-a6000",
+                               "run.max_new_tokens=4", "logger=quiet", "technique.calibrate_max_s=0.5",
+                               "technique.execution=real", "technique.real_device=cpu",
+                               f"technique.real_policy={pol}"])
+        s = Experiment(cfg, tmp_path / pol).run()
+        assert s["status"] == "completed" and s["measured/decode_tokens_per_s"] > 0
         assert s[f"measured/{pol}/gpu_experts"] + s[f"measured/{pol}/cpu_experts"] == s[f"measured/{pol}/activations"]
-    assert s["measured/tokens_match_fraction"] == 1.0
-    assert s["measured/all_cpu/gpu_experts"] == 0 and s["measured/ktransformers/transfers"] == 0
-    assert len(exp.summary["generated_ids"]) == 4
-    exp.recorder.close()
+        out[pol] = s
+    assert out["all_cpu"]["measured/all_cpu/gpu_experts"] == 0
+    assert out["ktransformers"]["measured/ktransformers/transfers"] == 0
+    model = build_model(compose_checked(["model=mixtral-tiny", "mode=plan"]).model).eval()
+    ids = torch.tensor([list(compose_checked([]).run.prompt.encode())])
+    ref = greedy_generate(model, ids, 4)[0][0].tolist()
+    assert all(s["info/generated_ids"] == ref for s in out.values())

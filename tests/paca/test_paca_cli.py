@@ -22,7 +22,7 @@ def test_cli_paca_vs_lora_params_saved_bytes_and_export(effrun):
     # LoRA r=8 trains r * (in + out) per module: q 64+64, k/v 64+32, o 64+64, gate/up/down 64+128
     assert lora["measured/params_trainable"] == 8 * 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
     assert paca["measured/saved_bytes"] < lora["measured/saved_bytes"]
-    exp_dir = paca["export_dir"]
+    exp_dir = paca["info/export_dir"]
     model = AutoModelForCausalLM.from_pretrained(exp_dir)
     assert not any("paca" in k for k in model.state_dict())
     x = torch.randint(0, 256, (1, 12))
@@ -64,26 +64,13 @@ def test_cli_find_max_seq_len_runs_real_probes(effrun):
 
 @pytest.mark.slow  # ~10 s on a quiet 2-core machine, minutes when it is shared
 def test_smollm2_short_paca_finetune_lowers_eval_loss(need_assets, tmp_path):
-    import torch
-
+    """Through effrun's train loop: eval on held-out plays before and after 4 PaCA steps."""
     from effrun.config.compose import compose_checked
     from effrun.experiment import Experiment
-    from effrun.families.causal_lm.loss import causal_lm_loss
-    from effrun.loops.train import evaluate, prepare_model
 
     cfg = compose_checked(["+technique=paca", "model=smollm2-135m", "data=shakespeare", "data.seq_len=48",
-                           "data.batch_size=2", "data.eval_batches=1", "run.lr=1e-3"])
-    exp = Experiment(cfg, tmp_path)
-    torch.manual_seed(0)
-    model, params = prepare_model(exp)
-    assert len(params) == 30 * 7 and exp.techniques[0].layers
-    before = evaluate(exp, model)
-    opt = torch.optim.AdamW(params, lr=cfg.run.lr)
-    for step in range(4):
-        x, y = exp.data.batch(step)
-        causal_lm_loss(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
-        exp.techniques[0].after_optimizer_step(step)
-    after = evaluate(exp, model)
-    assert after < before - 0.02, (before, after)
+                           "data.batch_size=2", "data.eval_batches=1", "run.lr=1e-3", "run.max_steps=4",
+                           "run.eval_at_start=true", "run.measure_saved_bytes=false", "logger=quiet"])
+    s = Experiment(cfg, tmp_path).run()
+    assert s["status"] == "completed" and s["measured/paca_layers"] == 30 * 7
+    assert s["measured/eval_loss"] < s["measured/eval_loss_start"] - 0.02, s

@@ -201,11 +201,10 @@ def test_merged_equals_unmerged_and_export_loads(tmp_path):
         assert not paca_modules(merged)
         torch.testing.assert_close(merged(input_ids=x).logits, ref, rtol=0, atol=0)
 
-    class _Exp:
-        tokenizer = object()
+    from types import SimpleNamespace
 
     tech = Paca.__new__(Paca)
-    tech.exp = _Exp()
+    tech.ctx = SimpleNamespace(family=SimpleNamespace(tokenizer=object()))
     tech.export(model, tmp_path / "export")
     assert paca_modules(model), "export must leave the training model intact"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float64)
@@ -215,7 +214,20 @@ def test_merged_equals_unmerged_and_export_loads(tmp_path):
 
 
 def test_column_indices_and_training_state_survive_checkpoint(tmp_path):
+    """Through the train loop's checkpoint module and default engine: the column indices (buffers),
+    P, the synced weights and the optimizer state all come back."""
+    from omegaconf import OmegaConf
+
+    from effrun.context import Context
     from effrun.loops import checkpoint as ckpt
+    from effrun.loops.batchplan import BatchPlan
+    from effrun.loops.engine import PlainEngine
+
+    ctx = Context(cfg=OmegaConf.create({"run": {"lr": 1e-2, "weight_decay": 0.0, "max_grad_norm": None}}),
+                  mode="train", run_dir=tmp_path)
+
+    def engine(model):
+        return PlainEngine(ctx, model, [p for p in model.parameters() if p.requires_grad])
 
     class _T:  # stands in for the plugin in the checkpoint's technique list
         name = "paca"
@@ -231,14 +243,16 @@ def test_column_indices_and_training_state_survive_checkpoint(tmp_path):
 
     a = tiny_llama()
     apply_paca(a, 8, 16.0, DEFAULT_TARGETS, seed=0)
-    opt_a, _ = _train_steps(a, 2)
-    ckpt.save(tmp_path, 2, a, opt_a, [_T(a)])
+    eng_a = engine(a)
+    opt_a, _ = _train_steps(a, 2, opt=eng_a.opt)
+    ckpt.save(ctx, 2, eng_a, BatchPlan(), [_T(a)])
     _, tail_a = _train_steps(a, 2, opt=opt_a)
 
     b = tiny_llama(seed=5)  # different base init and different column seed: all must be restored
     apply_paca(b, 8, 16.0, DEFAULT_TARGETS, seed=1)
-    opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
-    assert ckpt.load(ckpt.latest(tmp_path), b, opt_b, [_T(b)]) == 2
+    eng_b = engine(b)
+    opt_b = eng_b.opt
+    assert ckpt.load(ctx, eng_b, BatchPlan(), [_T(b)]) == 2
     for n, m in paca_modules(b).items():
         assert torch.equal(m.paca_idx, paca_modules(a)[n].paca_idx)
     _, tail_b = _train_steps(b, 2, opt=opt_b)
@@ -346,3 +360,19 @@ def test_layer_compiles_fullgraph_and_matches_eager():
     ref(xr).square().sum().backward()
     torch.testing.assert_close(lin.paca_p.grad, ref.paca_p.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counter_counts_the_paca_op_forward_and_its_backward_matmuls():
+    """FlopCounterMode alone would count PaCA's custom op as 0: the registered formula gives its
+    GEMM; the backward's dx and dP matmuls are counted as they run (no dW: the point of PaCA)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effrun.techniques.paca import ops
+
+    rows, d_in, d_out, r = 3 * 5, 8, 6, 2
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    w, p = torch.randn(d_out, d_in), torch.randn(d_out, r, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        ops.paca_linear(x, w, None, torch.tensor([1, 4]), p, 1.0).sum().backward()
+    assert fc.get_total_flops() == 2 * rows * d_in * d_out + 2 * rows * d_out * d_in + 2 * rows * d_out * r

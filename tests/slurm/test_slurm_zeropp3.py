@@ -1,4 +1,4 @@
-"""Real Slurm: the zeropp3 technique's own train loop (effrun engine, 2 tasks) preempted and requeued."""
+"""Real Slurm: the zeropp3 engine in the train loop (effrun engine, 2 tasks) preempted and requeued."""
 from __future__ import annotations
 
 import json
@@ -42,9 +42,9 @@ def runs(slurm_cluster, tmp_path_factory):
 def test_preempted_zeropp3_job_checkpoints_shards_requeues_and_resumes(runs):
     d, ref = runs
     s = json.loads((d / "summary.json").read_text())
-    assert s["status"] == "completed" and s["world_size"] == 2 and s["measured/hierarchy"] == "1x2x1"
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["info/hierarchy"] == "1x2x1"
     # the signal was polled at the step boundary: both ranks saved their shard of step 1 ...
-    ck = d / "checkpoints" / "zeropp3_step_1"
+    ck = d / "checkpoints" / "step_1"
     assert sorted(p.name for p in ck.iterdir()) == ["complete", "rank_0.pt", "rank_1.pt"]
     # ... Slurm requeued the job once and the second incarnation continued from there
     states = sacct_states(s["run_id"].removeprefix("slurm-"))

@@ -13,17 +13,17 @@ def test_effrun_engine_cli_bytes_and_partitioned_resume(effrun, tmp_path):
     a = effrun("train", *TINY2, "run.max_steps=4", "run.checkpoint_every=2", "run.lr=1e-2", env=ENV,
                root=tmp_path / "a")
     s, rows = a.summary(), a.metrics()
-    assert s["status"] == "completed" and s["measured/hierarchy"] == "1x1x2"
+    assert s["status"] == "completed" and s["info/hierarchy"] == "1x1x2"
     for lv in ("subdevice", "device", "node"):
         assert s[f"measured/bytes_per_iter_{lv}"] == s[f"projected/formula_bytes_per_iter_{lv}"]
     assert s["measured/bytes_per_iter_subdevice"] > 0 == s["measured/bytes_per_iter_node"]
     assert s["measured/state_bytes_primary"] == s["projected/formula_state_bytes_primary"]
     assert rows[-1]["loss"] < rows[0]["loss"]
     ck = a.run_dirs()[-1] / "checkpoints"
-    assert sorted(p.name for p in (ck / "zeropp3_step_2").iterdir()) == ["complete", "rank_0.pt", "rank_1.pt"]
+    assert sorted(p.name for p in (ck / "step_2").iterdir()) == ["complete", "rank_0.pt", "rank_1.pt"]
     # resume a fresh run dir from the step-2 partitioned checkpoint: same losses for steps 2, 3
     rd = tmp_path / "b" / "run"
-    shutil.copytree(ck / "zeropp3_step_2", rd / "checkpoints" / "zeropp3_step_2")
+    shutil.copytree(ck / "step_2", rd / "checkpoints" / "step_2")
     b = effrun("train", *TINY2, "run.max_steps=4", "run.lr=1e-2", "run.resume=true", f"hydra.run.dir={rd}",
                env=ENV, root=tmp_path / "b")
     rb = b.metrics()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from effrun.costmodel import Level, collective_time, levels_from_hardware, span
-from effrun.costmodel.zero import project_zero, ratio
+from effrun.techniques.zeropp3.costmodel import project_zero, ratio
 from effrun.errors import UserError
 from effrun.techniques.zeropp3 import quant
 from effrun.techniques.zeropp3.formulas import expected_bytes

@@ -26,7 +26,7 @@ def run_loop(ctx) -> None:
 CORE_METRICS = {
     "train": ("measured/loss", "measured/loss_first", "measured/step_time_s", "measured/step_time_mean_s",
               "measured/steps_timed", "measured/*_per_s", "measured/peak_mem_mb", "measured/peak_rss_mb",
-              "?measured/flops_per_*", "?measured/mfu", "?measured/eval_*", "?measured/resumed_from_step",
+              "?measured/flops_per_*", "?measured/mfu", "?projected/flops_per_*_formula", "?projected/mfu_formula", "?measured/eval_*", "?measured/resumed_from_step",
               "?measured/saved_bytes", "?measured/saved_tensors", "?info/export_dir",
               "measured/params_total", "measured/params_trainable", "measured/params_trainable_pct",
               "?measured/max_seq_len*"),

@@ -30,6 +30,15 @@ def _one(ctx, seam: str, *args):
     return None
 
 
+def _flop_counter(ctx):
+    """FlopCounterMode (not under torch.compile, which it cannot see through)."""
+    if ctx.cfg.run.compile:
+        return contextlib.nullcontext()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
 class Trainer:
     """Model, engine, batch plan and loss of one run, and one optimizer step over them."""
 
@@ -63,7 +72,9 @@ class Trainer:
         self.cuda = str(ctx.device).startswith("cuda")
 
     def step(self, step: int, measure_saved: bool = False, plan=None) -> Dict[str, Any]:
-        """One optimizer step over this rank's micro-batches; returns the row values."""
+        """One optimizer step over this rank's micro-batches; returns the row values. With
+        measure_saved, the first micro-batch also counts the bytes saved for backward and the FLOPs
+        it executes (FlopCounterMode: what really ran, PEFT and MoE routing included)."""
         ctx, fam, eng = self.ctx, self.ctx.family, self.engine
         sp = plan or self.plan.step(step)
         sums: List[float] = []
@@ -79,9 +90,12 @@ class Trainer:
 
             with (mb.context() if mb.context else contextlib.nullcontext()):
                 if measure_saved and i == 0:
-                    with SavedTensorCounter(eng.module) as counter:
+                    flops = _flop_counter(ctx)
+                    with SavedTensorCounter(eng.module) as counter, flops:
                         eng.forward_backward(closure, last=i == n - 1)
                     out["saved"] = (counter.bytes, counter.count)
+                    if hasattr(flops, "get_total_flops"):
+                        out["flops"] = (float(flops.get_total_flops()), fam.units(batch))
                 else:
                     eng.forward_backward(closure, last=i == n - 1)
         norm = eng.step()
@@ -131,6 +145,8 @@ def train(ctx) -> None:
         if "saved" in res:
             rec.set("measured/saved_bytes", res["saved"][0])
             rec.set("measured/saved_tensors", res["saved"][1])
+        if "flops" in res and res["flops"][1]:
+            tr.flops_per_unit = res["flops"][0] / res["flops"][1]
         row = {"loss": res["loss"], "step_time_s": dt, unit: sp.units, "samples": sp.samples,
                f"{unit}_per_s": sp.units / dt, "grad_norm": res["grad_norm"]}
         row.update(eng.step_metrics())
@@ -156,10 +172,15 @@ def _finish(ctx, tr: Trainer) -> None:
     rec.aggregate_steps(units=(fam.unit, "samples"))
     rec.set("measured/peak_mem_mb", torch.cuda.max_memory_allocated() / 2**20 if tr.cuda else peak_rss_mb())
     rec.set("measured/peak_rss_mb", peak_rss_mb())
-    fpu = fam.flops_per_unit(tr.engine.module)
-    if fpu:
-        rec.set(f"measured/flops_per_{fam.unit[:-1] if fam.unit.endswith('s') else fam.unit}", fpu)
-        rec.set("measured/mfu", mfu(rec.summary.get(f"measured/{fam.unit}_per_s"), fpu, ctx.peak_tflops()))
+    one = fam.unit[:-1] if fam.unit.endswith("s") else fam.unit
+    rate = rec.summary.get(f"measured/{fam.unit}_per_s")
+    if getattr(tr, "flops_per_unit", None):  # counted on this run's first micro-batch (rank 0)
+        rec.set(f"measured/flops_per_{one}", tr.flops_per_unit)
+        rec.set("measured/mfu", mfu(rate, tr.flops_per_unit, ctx.peak_tflops()))
+    est = fam.flops_per_unit(tr.engine.module)  # the family's formula (e.g. 6N + attention), beside it
+    if est:
+        rec.set(f"projected/flops_per_{one}_formula", est)
+        rec.set("projected/mfu_formula", mfu(rate, est, ctx.peak_tflops()))
     if run.eval_at_end:
         for k, v in tr.evaluate().items():
             rec.set(f"measured/{k}", v)

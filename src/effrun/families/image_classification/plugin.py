@@ -1,7 +1,6 @@
 """The image-classification family: model builders, data, loss and accuracy, the speed protocol."""
 from __future__ import annotations
 
-import copy
 from functools import cached_property
 
 import torch
@@ -78,17 +77,6 @@ class ImageClassification(Family):
                 n += b["labels"].numel()
         model.train(was)
         return {"eval_loss": tot / max(n, 1), "eval_accuracy": correct / max(n, 1)}
-
-    def flops_per_unit(self, model):
-        """Training FLOPs per image, counted by FlopCounterMode on one image's forward + backward
-        (of a copy: BatchNorm statistics and gradients of the run's model stay untouched)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        m = copy.deepcopy(model).train()
-        x = self.to_device(self.data.batch(0, 1))["images"]
-        with FlopCounterMode(display=False) as fc:
-            m(x).float().sum().backward()
-        return float(fc.get_total_flops())
 
     def infer_session(self, model, decoding=None, executor=None):
         from effrun.families.image_classification.session import SpeedSession

@@ -100,9 +100,7 @@ def check(cfg, node) -> None:
 
 
 def unsupported_run(cfg, node):
-    return {"grad_accum": "the HDP plan sets each rank's micro-batches itself (every sequence of the "
-                          "global batch once per step); set technique.tokens_per_step instead",
-            "compile": "the ring attention exchanges blocks between ranks inside the forward",
+    return {"compile": "the ring attention exchanges blocks between ranks inside the forward",
             "grad_checkpointing": "a recompute would re-run the ring exchanges out of step with the peers",
             "find_max_seq_len": "sequence lengths come from the length distribution, not from a probe"}
 

@@ -80,19 +80,27 @@ class HDPPlan(BatchPlan):
 
     # --- planning --------------------------------------------------------------------------
     def step(self, step: int) -> StepPlan:
+        """The step's global batch; with run.grad_accum = g it is split into g consecutive groups of
+        sequences (about equal tokens), each planned over all ranks and run after the previous one:
+        the same global batch in g waves, so the gradient equals the one-wave step."""
         ctx, c, run = self.ctx, self.c, self.ctx.cfg.run
         lengths = self.t._lengths(step)
         seqs = L.cut_text(self.stream, lengths, seed=run.seed * 7919 + step)
-        plan = self.t._plan(c.strategy, lengths, self.cost)
-        self.max_rank_tokens = max([self.max_rank_tokens] + [mb.tokens for mbs in plan.ranks for mb in mbs])
-        index = E.PlanIndex(plan)
-        self._cur = {"plan": plan, "records": [], "tokens": 0, "compute_s": 0.0, "cpu_s": 0.0, "wait_s": 0.0}
-        mbs = []
-        for mb in plan.ranks[ctx.rank]:
-            ids, labels, pos = E.assemble(mb, seqs)
-            batch = {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
-            lay = index.layout(ctx.rank, mb)
-            mbs.append(MicroBatch(batch, context=lambda lay=lay, mb=mb: self._micro(lay, mb, plan)))
+        mbs, plans = [], []
+        for group in split_groups(lengths, int(run.grad_accum)):
+            sub = [lengths[i] for i in group]
+            plan = self.t._plan(c.strategy, sub, self.cost)
+            plans.append(plan)
+            self.max_rank_tokens = max([self.max_rank_tokens] + [mb.tokens for mbs_ in plan.ranks for mb in mbs_])
+            index = E.PlanIndex(plan)
+            sub_seqs = [seqs[i] for i in group]
+            for mb in plan.ranks[ctx.rank]:
+                ids, labels, pos = E.assemble(mb, sub_seqs)
+                batch = {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
+                lay = index.layout(ctx.rank, mb)
+                mbs.append(MicroBatch(batch, context=lambda lay=lay, mb=mb, plan=plan: self._micro(lay, mb, plan)))
+        self._cur = {"plans": plans, "records": [], "tokens": 0, "compute_s": 0.0, "cpu_s": 0.0, "wait_s": 0.0,
+                     "mbs": len(mbs)}
         n = sum(lengths)
         return StepPlan(mbs, n_global=n, units=n, samples=len(lengths))
 
@@ -132,13 +140,13 @@ class HDPPlan(BatchPlan):
     # --- after each step: the ranks' times side by side -------------------------------------
     def after_step(self, step: int, result: Dict[str, Any]) -> Dict[str, Any]:
         ctx, c, run, cur = self.ctx, self.c, self.ctx.cfg.run, self._cur
-        plan = cur["plan"]
-        rows = ctx.all_gather_object({k: cur[k] for k in ("tokens", "compute_s", "cpu_s", "wait_s", "records")}
-                                     | {"mbs": len(plan.ranks[ctx.rank]), "step_s": result["step_time_s"]})
+        rows = ctx.all_gather_object({k: cur[k] for k in ("tokens", "compute_s", "cpu_s", "wait_s", "records", "mbs")}
+                                     | {"step_s": result["step_time_s"]})
+        predicted = [sum(x) for x in zip(*(p.rank_cost() for p in cur["plans"]))]
         vals = {"token_imbalance": P.imbalance([r["tokens"] for r in rows]),
                 "compute_imbalance": P.imbalance([r["cpu_s"] for r in rows]),
                 "compute_wall_imbalance": P.imbalance([r["compute_s"] for r in rows]),
-                "predicted_imbalance": P.imbalance(plan.rank_cost()),
+                "predicted_imbalance": P.imbalance(predicted),
                 "comm_wait_s": max(r["wait_s"] for r in rows),
                 "micro_batches_max": max(r["mbs"] for r in rows),
                 "micro_batches_min": min(r["mbs"] for r in rows),
@@ -204,6 +212,21 @@ class HDPPlan(BatchPlan):
         if self.c.project and self.ctx.is_main:
             out.update(self.t.projection())
         return out
+
+
+def split_groups(lengths: List[int], groups: int) -> List[List[int]]:
+    """Indices of `lengths` cut into `groups` consecutive runs of about equal tokens (none empty)."""
+    groups = max(1, min(groups, len(lengths)))
+    total, out, cur, acc = sum(lengths), [], [], 0
+    for i, n in enumerate(lengths):
+        cur.append(i)
+        acc += n
+        left = len(lengths) - i - 1
+        if len(out) < groups - 1 and (acc >= total * (len(out) + 1) / groups or left == groups - 1 - len(out)):
+            out.append(cur)
+            cur = []
+    out.append(cur)
+    return [g for g in out if g]
 
 
 class ByteScale(Technique):

@@ -40,6 +40,9 @@ class HybrimoeConfig:
     execution: str = "auto"
     # execution=real: the policy the real executor runs (baselines: one run each, same prompt)
     real_policy: str = "hybrimoe"
+    # execution=real: where the "GPU" side runs; null -> cuda. "cpu" runs the same executor code
+    # (cache slots, copies, HSS split) without a GPU: for tests of the real path, not a measurement
+    real_device: Optional[str] = None
     # CPU expert costs: measured (fit on this machine's warm-up run), hardware (target host spec),
     # auto (measured in infer, hardware in plan)
     cpu_costs: str = "auto"
@@ -121,7 +124,10 @@ def check(cfg, node) -> None:
                 raise UserError(f"no trace file {node[k]!r}", key=f"technique.{k}")
     if node.profile_trace is not None and node.routing_trace is None:
         raise UserError("a profile trace needs technique.routing_trace", key="technique.profile_trace")
-    if node.execution == "real":
+    if node.real_device not in (None, "cuda", "cpu"):
+        raise UserError(f"unknown real device {node.real_device!r}", key="technique.real_device",
+                        choices=["cuda", "cpu"])
+    if node.execution == "real" and node.real_device != "cpu":
         from effrun.config.validate_deep import cuda_present
 
         if not cuda_present():

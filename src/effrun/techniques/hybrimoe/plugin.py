@@ -25,7 +25,7 @@ class Hybrimoe(Technique):
         if shape is None:
             raise UserError(f"model {self.ctx.cfg.model.name!r} has no routed experts", key="model")
         self.shape = shape
-        if self.execution() == "real":
+        if self.execution() == "real" and self.cfg.real_device != "cpu":
             import torch
 
             if not torch.cuda.is_available():
@@ -172,7 +172,7 @@ class Hybrimoe(Technique):
             return model
         from effrun.techniques.hybrimoe.cuda_exec import real_executor
 
-        self.executor, model = real_executor(self, model)
+        self.executor, model = real_executor(self, model, self.cfg.real_device)
         return model
 
     def on_infer_start(self, model, session) -> None:

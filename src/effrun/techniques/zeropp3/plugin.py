@@ -49,10 +49,11 @@ class Zeropp3(Technique):
                 eff, eff_src = float(s["measured/mfu"]), f"measured/mfu of {c.calibrate_from}"
         from transformers import AutoModelForCausalLM
 
-        from accelerate import init_empty_weights
-
+        # the real shape on the meta device (no memory): exact parameter counts. Not accelerate's
+        # init_empty_weights: it re-registers the tied lm_head as a second parameter (gpt-20b:
+        # 20,565,577,728 counted instead of 20,256,509,952)
         hc = ctx.family.hf_config
-        with init_empty_weights():  # the real shape, no memory: exact parameter counts
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hc)
         P, Pn = count_params(model), nonembedding_params(model)
         L = getattr(hc, "num_hidden_layers", getattr(hc, "n_layer", 1))
