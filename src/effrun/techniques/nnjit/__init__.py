@@ -23,6 +23,7 @@ from effrun.errors import UserError
 
 MODELS = ("bert-base", "gpt2")
 SEARCHES = ("lite", "large")
+STATS = ("min", "median")
 
 
 @dataclass
@@ -33,7 +34,8 @@ class NnjitConfig:
     batch: int = 1
     shapes: List[str] = field(default_factory=list)   # instead of a model layer: "BxMxKxN" / "MxKxN"
     budget_s: float = 30.0              # tuning wall-clock budget per distinct shape
-    repeats: int = 20                   # timed calls per candidate (median)
+    repeats: int = 20                   # timed calls per candidate
+    stat: str = "min"                   # min | median of the timed calls (min: least disturbed by other load)
     abort_factor: float = 3.0           # skip a candidate's repeats when its warm-up > factor x best
     search: str = "lite"                # lite: grid over the pruned lite space | large: random search
     reg_occupancy_min: float = 0.8      # pruning: SIMD registers used >= this share of the device's
@@ -88,6 +90,8 @@ def validate(cfg: NnjitConfig, hardware: Any = None) -> None:
         raise UserError(f"unknown model {cfg.model!r}", key="technique.model", choices=MODELS)
     if cfg.search not in SEARCHES:
         raise UserError(f"unknown search {cfg.search!r}", key="technique.search", choices=SEARCHES)
+    if cfg.stat not in STATS:
+        raise UserError(f"unknown stat {cfg.stat!r}", key="technique.stat", choices=STATS)
     check_budget(cfg.budget_s)
     for key in ("seq_len", "batch", "repeats", "ort_threads"):
         v = getattr(cfg, key)

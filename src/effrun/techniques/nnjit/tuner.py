@@ -3,7 +3,9 @@ over the large space (the baseline), both under one wall-clock budget, and a per
 per-shape cache of the winners.
 
 Per candidate: generate the module (Python) -> wat2wasm -> WebAssembly.compile in the page ->
-one warm-up call -> up to `repeats` performance.now()-timed calls (median). The budget covers all
+one warm-up call -> up to `repeats` performance.now()-timed calls, scored by their minimum
+(`stat="min"`: on a shared machine other processes only ever add time, so the minimum is the
+least disturbed estimate; `stat="median"` is the alternative). The budget covers all
 of it; the page stops its repeats at the deadline, and a candidate whose warm-up call is slower
 than `abort_factor` x the best so far is not repeated (the same rule for both searches).
 Stopping: no candidate starts after the budget is spent, so a search ends within the budget plus
@@ -41,12 +43,14 @@ def check_budget(budget_s, key: str = "technique.budget_s") -> float:
 class Trial:
     elapsed_s: float           # since the search started, when this trial finished
     tile: Tile
-    median_ms: float
+    ms: float                  # the score: min or median of the timed calls
     gflops: float
     aborted: bool
     compile_ms: float
     assemble_s: float
     max_rel_error: Optional[float] = None
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
 
 
 @dataclass
@@ -77,7 +81,7 @@ class TuneResult:
                 "tried": len(self.trials), "elapsed_s": round(self.elapsed_s, 3), "budget_s": self.budget_s,
                 "exhausted": self.exhausted, "from_cache": self.from_cache,
                 "best": self.best.tile.as_dict() if self.best else None,
-                "best_ms": self.best.median_ms if self.best else None, "best_gflops": self.best_gflops}
+                "best_ms": self.best.ms if self.best else None, "best_gflops": self.best_gflops}
 
 
 def lite_candidates(rule: PruneRule, M: int, N: int) -> List[Tile]:
@@ -86,7 +90,7 @@ def lite_candidates(rule: PruneRule, M: int, N: int) -> List[Tile]:
 
 def search(sess: BrowserSession, h: ProblemHandle, candidates: Iterable[Tile], budget_s: float, *,
            space: str, n_candidates: int, repeats: int = 20, abort_factor: float = 3.0,
-           check: bool = False, progress: Optional[Callable[[str], None]] = None,
+           stat: str = "min", check: bool = False, progress: Optional[Callable[[str], None]] = None,
            progress_every_s: float = 2.0) -> TuneResult:
     budget_s = check_budget(budget_s)
     res = TuneResult(h.shape.key(), space, n_candidates, budget_s=budget_s)
@@ -101,17 +105,18 @@ def search(sess: BrowserSession, h: ProblemHandle, candidates: Iterable[Tile], b
             break
         k = sess.compile(h, tile)
         left = budget_s - (time.perf_counter() - t0)
-        abort_ms = abort_factor * res.best.median_ms if res.best else 0.0
+        abort_ms = abort_factor * res.best.ms if res.best else 0.0
         r = sess.time(k, repeats, deadline_s=max(left, 0.0), abort_ms=abort_ms)
         err = None
         if check:
             err, _ = sess.check(k)
         sess.release(k)
-        ms = float(r["median_ms"])
+        ms = float(r["min_ms"] if stat == "min" else r["median_ms"])
         trial = Trial(time.perf_counter() - t0, tile, ms, flops / (ms * 1e6) if ms > 0 else float("inf"),
-                      bool(r["aborted"]), k.compile_ms, k.assemble_s, err)
+                      bool(r["aborted"]), k.compile_ms, k.assemble_s, err, float(r["median_ms"]),
+                      float(r["min_ms"]))
         res.trials.append(trial)
-        if not trial.aborted and (res.best is None or trial.median_ms < res.best.median_ms):
+        if not trial.aborted and (res.best is None or trial.ms < res.best.ms):
             res.best = trial
         now = time.perf_counter()
         if progress and (now - last_report >= progress_every_s):
@@ -121,7 +126,7 @@ def search(sess: BrowserSession, h: ProblemHandle, candidates: Iterable[Tile], b
     res.elapsed_s = time.perf_counter() - t0
     res.exhausted = exhausted and len(res.trials) == n_candidates
     if res.best is None and res.trials:       # everything aborted: keep the fastest warm-up
-        res.best = min(res.trials, key=lambda t: t.median_ms)
+        res.best = min(res.trials, key=lambda t: t.ms)
     if progress:
         progress(f"tune {h.shape.key()} [{space}] done: {len(res.trials)}/{n_candidates} candidates in "
                  f"{res.elapsed_s:.1f} s, best {res.best_gflops:.1f} GFLOP/s "
@@ -160,7 +165,7 @@ def device_key(user_agent: str, hardware_name: str, rule: PruneRule) -> str:
 
 
 class TuneCache:
-    """{device_key: {"<shape>|<space>": {"tile": {...}, "gflops": .., "median_ms": .., ...}}} in one JSON file."""
+    """{device_key: {"<shape>|<space>": {"tile": {...}, "gflops": .., "ms": .., ...}}} in one JSON file."""
 
     def __init__(self, directory: str):
         self.path = os.path.join(os.path.expanduser(directory), "tuning.json")
@@ -180,7 +185,7 @@ class TuneCache:
             return
         data = self._load()
         data.setdefault(device, {})[f"{shape_key}|{space}"] = {
-            "tile": res.best.tile.as_dict(), "median_ms": res.best.median_ms, "gflops": res.best.gflops,
+            "tile": res.best.tile.as_dict(), "ms": res.best.ms, "gflops": res.best.gflops,
             "tuned_s": round(res.elapsed_s, 3), "tried": len(res.trials), "candidates": res.candidates,
             "user_agent": info.get("userAgent"), "cpu": cpu_model(), "time": time.time()}
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -200,7 +205,7 @@ def tune_cached(sess: BrowserSession, h: ProblemHandle, rule: PruneRule, budget_
             if fits(t, h.padded.M, h.padded.N):
                 res = TuneResult(h.shape.key(), "lite", int(hit.get("candidates", 0)), budget_s=budget_s,
                                  from_cache=True)
-                res.best = Trial(0.0, t, float(hit["median_ms"]), float(hit["gflops"]), False, 0.0, 0.0)
+                res.best = Trial(0.0, t, float(hit["ms"]), float(hit["gflops"]), False, 0.0, 0.0)
                 return res
     res = tune_lite(sess, h, rule, budget_s, **kw)
     if cache is not None:
@@ -209,5 +214,6 @@ def tune_cached(sess: BrowserSession, h: ProblemHandle, rule: PruneRule, budget_
 
 
 def order_for_report(trials: Sequence[Trial]) -> List[Dict]:
-    return [{"elapsed_s": round(t.elapsed_s, 3), "tile": t.tile.key(), "median_ms": round(t.median_ms, 4),
+    return [{"elapsed_s": round(t.elapsed_s, 3), "tile": t.tile.key(), "ms": round(t.ms, 4),
+             "median_ms": t.median_ms,
              "gflops": round(t.gflops, 3), "aborted": t.aborted} for t in trials]
