@@ -3,22 +3,28 @@
 No C compiler: the loop nest below is written out as WebAssembly text and assembled by Debian's
 `wabt` (`wat2wasm`). The kernel is specialised to one problem (batch, M, K, N: row-major
 A[b, M, K], B[b, K, N], C[b, M, N], M a multiple of mr, N of nr) and exports
-`mm(pa, pb, pc)` (byte offsets into the imported memory `env.mem`).
+`mm(pa, pb, pc, ps)` (byte offsets into the imported memory `env.mem`; ps: scratch for packing).
 
-Loop nest (GotoBLAS-style cache blocking; nb / kb / mb are the cache blocks the L1 rule models):
+Loop nest (GotoBLAS-style; the packed blocks are exactly what the L1 rule sizes: the A block
+mb x kb and the B block kb x nb, contiguous, so no cache-set conflicts from long row strides):
 
-    for b:                                         # batch
-      for n0 in 0..N step nb:                      # B panel columns
-        for k0 in 0..K step kb:                    # reduction block (A mb x kb, B kb x nb in L1)
+    for b:                                          # batch
+      for k0 in 0..K step kb:
+        pack A[:, k0:k0+kb] -> Ap[M/mr][kb][mr]      # each A element packed once overall
+        for n0 in 0..N step nb:
+          pack B[k0:k0+kb, n0:n0+nb] -> Bp[nb/nr][kb][nr]      # each B element packed once
           for m0 in 0..M step mb:
             for n1 in n0..min(n0+nb, N) step nr:
               for m1 in m0..min(m0+mb, M) step mr:
                 acc[mr][nr/4] = k0 == 0 ? 0 : C[m1.., n1..]          # v128 locals
                 for k in k0..min(k0+kb, K):  (unrolled by 4, remainder loop)
-                  bv[j] = v128.load B[k, n1 + 4j]                   # nr/4 vectors
-                  av[i] = v128.load32_splat A[m1 + i, k]            # mr broadcasts
+                  bv[j] = v128.load Bp[n1 panel][k][4j]             # nr/4 vectors
+                  av[i] = v128.load32_splat Ap[m1 panel][k][i]      # mr broadcasts
                   acc[i][j] += av[i] * bv[j]                        # f32x4.mul + f32x4.add
                 C[m1.., n1..] = acc
+
+Packing is inside the timed call for every matmul (B is a runtime input in its natural layout),
+weights included, where a deployment could pack a constant weight once.
 """
 from __future__ import annotations
 
@@ -66,31 +72,53 @@ def _pages(nbytes: int) -> int:
     return max(1, -(-nbytes // 65536))
 
 
-def memory_layout(p: Problem) -> Tuple[int, int, int, int]:
-    """(pa, pb, pc, total bytes): A, B, C placed one after another, 64-byte aligned."""
+def memory_layout(p: Problem) -> Tuple[int, int, int, int, int]:
+    """(pa, pb, pc, ps, total bytes): A, B, C, then packing scratch (A panel M x K + B block K x N,
+    enough for any tile), 64-byte aligned."""
     def al(x):
         return -(-x // 64) * 64
     pa = 0
     pb = al(pa + p.batch * p.M * p.K * F32)
     pc = al(pb + p.batch * p.K * p.N * F32)
-    end = al(pc + p.batch * p.M * p.N * F32)
-    return pa, pb, pc, end
+    ps = al(pc + p.batch * p.M * p.N * F32)
+    end = al(ps + (p.M * p.K + p.K * p.N) * F32)
+    return pa, pb, pc, ps, end
 
 
 def emit_wat(p: Problem, t: Tile, mem_pages: Optional[int] = None) -> str:
     if p.M % t.mr or p.N % t.nr or t.nr % VEC:
         raise ValueError(f"tile {t} does not fit problem {p} (mr | M, nr | N, 4 | nr needed)")
     M, K, N = p.M, p.K, p.N
-    mr, nv = t.mr, t.nr // VEC
-    pages = mem_pages or _pages(memory_layout(p)[3])
+    mr, nr, nv = t.mr, t.nr, t.nr // VEC
+    kb = min(t.kb, K)
+    pages = mem_pages or _pages(memory_layout(p)[4])
     rowA, rowB, rowC = K * F32, N * F32, N * F32
     L: List[str] = []
     w = L.append
+
+    def get(x):
+        return f"(local.get ${x})"
+
+    def setl(x, v):
+        w(f"    (local.set ${x} {v})")
+
+    def c(v):
+        return f"(i32.const {v})"
+
+    def add(a, b):
+        return f"(i32.add {a} {b})"
+
+    def mul(a, b):
+        return f"(i32.mul {a} {b})"
+
+    def mn(a, b):
+        return f"(select {a} {b} (i32.lt_u {a} {b}))"
+
     w("(module")
     w(f'  (import "env" "mem" (memory {pages}))')
-    w('  (func (export "mm") (param $pa i32) (param $pb i32) (param $pc i32)')
-    for name in ("b", "n0", "k0", "m0", "n1", "m1", "nend", "kend", "mend", "ap", "bp", "cp", "cnt",
-                 "pa0", "pb0", "pc0"):
+    w('  (func (export "mm") (param $pa i32) (param $pb i32) (param $pc i32) (param $ps i32)')
+    for name in ("b", "n0", "k0", "m0", "n1", "m1", "nend", "kend", "mend", "kbc", "ap", "bp", "cp", "cnt",
+                 "pa0", "pb0", "pc0", "apk", "bpk", "src", "dst", "i"):
         w(f"    (local ${name} i32)")
     for i in range(mr):
         for j in range(nv):
@@ -101,39 +129,70 @@ def emit_wat(p: Problem, t: Tile, mem_pages: Optional[int] = None) -> str:
         w(f"    (local $b{j} v128)")
 
     def step(u: int) -> None:
-        """One k step at unroll offset u: loads of B and A, then the rank-1 update."""
+        """One k step at unroll offset u: loads of the packed B and A, then the rank-1 update."""
         for j in range(nv):
-            w(f"    (local.set $b{j} (v128.load offset={u * rowB + 16 * j} align=4 (local.get $bp)))")
+            w(f"    (local.set $b{j} (v128.load offset={u * nr * F32 + 16 * j} align=4 (local.get $bp)))")
         for i in range(mr):
-            w(f"    (local.set $a{i} (v128.load32_splat offset={i * rowA + u * F32} align=4 (local.get $ap)))")
+            w(f"    (local.set $a{i} (v128.load32_splat offset={u * mr * F32 + i * F32} align=4 (local.get $ap)))")
         for i in range(mr):
             for j in range(nv):
                 w(f"    (local.set $c{i}_{j} (f32x4.add (local.get $c{i}_{j}) "
                   f"(f32x4.mul (local.get $a{i}) (local.get $b{j}))))")
 
-    # batch loop
-    w("    (local.set $pa0 (local.get $pa)) (local.set $pb0 (local.get $pb)) (local.set $pc0 (local.get $pc))")
-    w("    (local.set $b (i32.const 0))")
+    setl("apk", get("ps"))                                   # packed A panel: M x kb
+    setl("bpk", add(get("ps"), c(M * kb * F32)))             # packed B block: kb x nb
+    setl("pa0", get("pa"))
+    setl("pb0", get("pb"))
+    setl("pc0", get("pc"))
+    setl("b", c(0))
     w("    (block $bdone (loop $bloop")
-    w("    (local.set $n0 (i32.const 0))")
-    w("    (block $n0done (loop $n0loop")
-    w(f"    (local.set $nend (select (i32.add (local.get $n0) (i32.const {t.nb})) (i32.const {N}) "
-      f"(i32.lt_u (i32.add (local.get $n0) (i32.const {t.nb})) (i32.const {N}))))")
-    w("    (local.set $k0 (i32.const 0))")
+    setl("k0", c(0))
     w("    (block $k0done (loop $k0loop")
-    w(f"    (local.set $kend (select (i32.add (local.get $k0) (i32.const {t.kb})) (i32.const {K}) "
-      f"(i32.lt_u (i32.add (local.get $k0) (i32.const {t.kb})) (i32.const {K}))))")
-    w("    (local.set $m0 (i32.const 0))")
+    setl("kend", mn(add(get("k0"), c(kb)), c(K)))
+    setl("kbc", f"(i32.sub {get('kend')} {get('k0')})")
+    # -- pack A[:, k0:kend] into [M/mr][kbc][mr]
+    setl("m1", c(0))
+    setl("dst", get("apk"))
+    w("    (loop $pam")
+    setl("src", add(get("pa0"), mul(add(mul(get("m1"), c(K)), get("k0")), c(F32))))
+    setl("i", get("kbc"))
+    w("    (loop $pak")
+    for i in range(mr):
+        w(f"    (f32.store offset={i * F32} align=4 (local.get $dst) "
+          f"(f32.load offset={i * rowA} align=4 (local.get $src)))")
+    setl("src", add(get("src"), c(F32)))
+    setl("dst", add(get("dst"), c(mr * F32)))
+    setl("i", f"(i32.sub {get('i')} {c(1)})")
+    w("    (br_if $pak (local.get $i)))")
+    setl("m1", add(get("m1"), c(mr)))
+    w(f"    (br_if $pam (i32.lt_u {get('m1')} {c(M)})))")
+    setl("n0", c(0))
+    w("    (block $n0done (loop $n0loop")
+    setl("nend", mn(add(get("n0"), c(t.nb)), c(N)))
+    # -- pack B[k0:kend, n0:nend] into [nb/nr][kbc][nr]
+    setl("n1", get("n0"))
+    setl("dst", get("bpk"))
+    w("    (loop $pbn")
+    setl("src", add(get("pb0"), mul(add(mul(get("k0"), c(N)), get("n1")), c(F32))))
+    setl("i", get("kbc"))
+    w("    (loop $pbk")
+    for j in range(nv):
+        w(f"    (v128.store offset={16 * j} align=4 (local.get $dst) "
+          f"(v128.load offset={16 * j} align=4 (local.get $src)))")
+    setl("src", add(get("src"), c(rowB)))
+    setl("dst", add(get("dst"), c(nr * F32)))
+    setl("i", f"(i32.sub {get('i')} {c(1)})")
+    w("    (br_if $pbk (local.get $i)))")
+    setl("n1", add(get("n1"), c(nr)))
+    w(f"    (br_if $pbn (i32.lt_u {get('n1')} {get('nend')})))")
+    setl("m0", c(0))
     w("    (block $m0done (loop $m0loop")
-    w(f"    (local.set $mend (select (i32.add (local.get $m0) (i32.const {t.mb})) (i32.const {M}) "
-      f"(i32.lt_u (i32.add (local.get $m0) (i32.const {t.mb})) (i32.const {M}))))")
-    w("    (local.set $n1 (local.get $n0))")
+    setl("mend", mn(add(get("m0"), c(t.mb)), c(M)))
+    setl("n1", get("n0"))
     w("    (block $n1done (loop $n1loop")
-    w("    (local.set $m1 (local.get $m0))")
+    setl("m1", get("m0"))
     w("    (block $m1done (loop $m1loop")
-    # C tile pointer
-    w(f"    (local.set $cp (i32.add (local.get $pc0) (i32.mul (i32.add (i32.mul (local.get $m1) "
-      f"(i32.const {N})) (local.get $n1)) (i32.const {F32}))))")
+    setl("cp", add(get("pc0"), mul(add(mul(get("m1"), c(N)), get("n1")), c(F32))))
     # init accumulators: zero on the first k block, else load the partial sums
     w("    (if (i32.eqz (local.get $k0)) (then")
     for i in range(mr):
@@ -144,57 +203,51 @@ def emit_wat(p: Problem, t: Tile, mem_pages: Optional[int] = None) -> str:
         for j in range(nv):
             w(f"    (local.set $c{i}_{j} (v128.load offset={i * rowC + 16 * j} align=4 (local.get $cp)))")
     w("    ))")
-    # A / B pointers at (m1, k0) and (k0, n1)
-    w(f"    (local.set $ap (i32.add (local.get $pa0) (i32.mul (i32.add (i32.mul (local.get $m1) "
-      f"(i32.const {K})) (local.get $k0)) (i32.const {F32}))))")
-    w(f"    (local.set $bp (i32.add (local.get $pb0) (i32.mul (i32.add (i32.mul (local.get $k0) "
-      f"(i32.const {N})) (local.get $n1)) (i32.const {F32}))))")
-    # unrolled main k loop
-    w(f"    (local.set $cnt (i32.shr_u (i32.sub (local.get $kend) (local.get $k0)) (i32.const 2)))")
+    # packed panels: A panel of m1 (stride kbc*mr floats), B panel of n1 within the block
+    setl("ap", add(get("apk"), mul(mul(get("m1"), get("kbc")), c(F32))))
+    setl("bp", add(get("bpk"), mul(mul(f"(i32.sub {get('n1')} {get('n0')})", get("kbc")), c(F32))))
+    setl("cnt", f"(i32.shr_u {get('kbc')} {c(2)})")
     w("    (if (local.get $cnt) (then")
     w("    (loop $kloop")
     for u in range(UNROLL):
         step(u)
-    w(f"    (local.set $ap (i32.add (local.get $ap) (i32.const {UNROLL * F32})))")
-    w(f"    (local.set $bp (i32.add (local.get $bp) (i32.const {UNROLL * rowB})))")
-    w("    (local.set $cnt (i32.sub (local.get $cnt) (i32.const 1)))")
+    setl("ap", add(get("ap"), c(UNROLL * mr * F32)))
+    setl("bp", add(get("bp"), c(UNROLL * nr * F32)))
+    setl("cnt", f"(i32.sub {get('cnt')} {c(1)})")
     w("    (br_if $kloop (local.get $cnt))")
     w("    )))")
-    # remainder k loop
-    w(f"    (local.set $cnt (i32.and (i32.sub (local.get $kend) (local.get $k0)) (i32.const {UNROLL - 1})))")
+    setl("cnt", f"(i32.and {get('kbc')} {c(UNROLL - 1)})")
     w("    (if (local.get $cnt) (then")
     w("    (loop $krem")
     step(0)
-    w(f"    (local.set $ap (i32.add (local.get $ap) (i32.const {F32})))")
-    w(f"    (local.set $bp (i32.add (local.get $bp) (i32.const {rowB})))")
-    w("    (local.set $cnt (i32.sub (local.get $cnt) (i32.const 1)))")
+    setl("ap", add(get("ap"), c(mr * F32)))
+    setl("bp", add(get("bp"), c(nr * F32)))
+    setl("cnt", f"(i32.sub {get('cnt')} {c(1)})")
     w("    (br_if $krem (local.get $cnt))")
     w("    )))")
-    # store the tile
     for i in range(mr):
         for j in range(nv):
             w(f"    (v128.store offset={i * rowC + 16 * j} align=4 (local.get $cp) (local.get $c{i}_{j}))")
-    # loop tails
-    w(f"    (local.set $m1 (i32.add (local.get $m1) (i32.const {mr})))")
+    setl("m1", add(get("m1"), c(mr)))
     w("    (br_if $m1loop (i32.lt_u (local.get $m1) (local.get $mend)))")
     w("    ))")
-    w(f"    (local.set $n1 (i32.add (local.get $n1) (i32.const {t.nr})))")
+    setl("n1", add(get("n1"), c(nr)))
     w("    (br_if $n1loop (i32.lt_u (local.get $n1) (local.get $nend)))")
     w("    ))")
-    w("    (local.set $m0 (local.get $mend))")
-    w(f"    (br_if $m0loop (i32.lt_u (local.get $m0) (i32.const {M})))")
+    setl("m0", get("mend"))
+    w(f"    (br_if $m0loop (i32.lt_u (local.get $m0) {c(M)}))")
     w("    ))")
-    w("    (local.set $k0 (local.get $kend))")
-    w(f"    (br_if $k0loop (i32.lt_u (local.get $k0) (i32.const {K})))")
+    setl("n0", get("nend"))
+    w(f"    (br_if $n0loop (i32.lt_u (local.get $n0) {c(N)}))")
     w("    ))")
-    w("    (local.set $n0 (local.get $nend))")
-    w(f"    (br_if $n0loop (i32.lt_u (local.get $n0) (i32.const {N})))")
+    setl("k0", get("kend"))
+    w(f"    (br_if $k0loop (i32.lt_u (local.get $k0) {c(K)}))")
     w("    ))")
-    w(f"    (local.set $pa0 (i32.add (local.get $pa0) (i32.const {M * K * F32})))")
-    w(f"    (local.set $pb0 (i32.add (local.get $pb0) (i32.const {K * N * F32})))")
-    w(f"    (local.set $pc0 (i32.add (local.get $pc0) (i32.const {M * N * F32})))")
-    w("    (local.set $b (i32.add (local.get $b) (i32.const 1)))")
-    w(f"    (br_if $bloop (i32.lt_u (local.get $b) (i32.const {p.batch})))")
+    setl("pa0", add(get("pa0"), c(M * K * F32)))
+    setl("pb0", add(get("pb0"), c(K * N * F32)))
+    setl("pc0", add(get("pc0"), c(M * N * F32)))
+    setl("b", add(get("b"), c(1)))
+    w(f"    (br_if $bloop (i32.lt_u (local.get $b) {c(p.batch)}))")
     w("    ))")
     w("  )")
     w(")")

@@ -150,11 +150,12 @@ class BrowserSession:
         Bp = np.zeros((shape.batch, shape.K, Np), np.float32)
         Bp[:, :, :shape.N] = B
         pid = self._id("p")
-        pa, pb, pc, end = memory_layout(prob)
+        pa, pb, pc, ps, end = memory_layout(prob)
         a_url = self.server.put(pid + "_A", Ap.tobytes())
         b_url = self.server.put(pid + "_B", Bp.tobytes())
         self.browser.call("setProblem", pid, {"batch": prob.batch, "M": Mp, "K": prob.K, "N": Np,
-                                              "pa": pa, "pb": pb, "pc": pc, "pages": -(-end // 65536),
+                                              "pa": pa, "pb": pb, "pc": pc, "ps": ps,
+                                              "pages": -(-end // 65536),
                                               "aUrl": a_url, "bUrl": b_url, "bmm": not shape.weight})
         self.server.drop(pid + "_")
         return ProblemHandle(pid, shape, prob, A, B, pad_m, pad_n)

@@ -80,19 +80,19 @@
       const k = kernels.get(kid), p = problems.get(k.pid);
       const end = performance.now() + deadlineMs;
       let t0 = performance.now();
-      k.mm(p.pa, p.pb, p.pc);
+      k.mm(p.pa, p.pb, p.pc, p.ps);
       const warm = performance.now() - t0;
       const times = [];
       let inner = 1;
       if (!(abortMs > 0 && warm > abortMs)) {
         // calls per sample so that one sample lasts >= 0.5 ms (the timer ticks in 5 us steps)
         t0 = performance.now();
-        k.mm(p.pa, p.pb, p.pc);
+        k.mm(p.pa, p.pb, p.pc, p.ps);
         const one = performance.now() - t0;
         inner = Math.min(10000, Math.max(1, Math.ceil(0.5 / Math.max(one, 0.001))));
         for (let r = 0; r < repeats && performance.now() + warm * inner < end; r++) {
           t0 = performance.now();
-          for (let i = 0; i < inner; i++) k.mm(p.pa, p.pb, p.pc);
+          for (let i = 0; i < inner; i++) k.mm(p.pa, p.pb, p.pc, p.ps);
           times.push((performance.now() - t0) / inner);
         }
       }
@@ -102,7 +102,7 @@
     run(kid) {
       const k = kernels.get(kid), p = problems.get(k.pid);
       const t0 = performance.now();
-      k.mm(p.pa, p.pb, p.pc);
+      k.mm(p.pa, p.pb, p.pc, p.ps);
       return performance.now() - t0;
     },
     async readC(pid, name) {
