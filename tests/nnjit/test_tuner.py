@@ -44,9 +44,10 @@ def test_random_search_stops_within_budget(session):
     res = tune_random_large(session, h, budget, seed=0, repeats=3)
     wall = time.perf_counter() - t0
     assert not res.exhausted and len(res.trials) >= 1
-    # no candidate starts after the budget: the overrun is one compile + one small kernel call
-    assert res.trials[-1].elapsed_s - budget < 1.0
-    assert wall < budget + 1.0
+    # no candidate starts after the budget: the overrun is one assemble + compile + one small kernel
+    # call (generous slack for a loaded machine; ignoring the budget would run thousands of trials)
+    assert res.trials[-1].elapsed_s - budget < 2.5
+    assert wall < budget + 2.5
     # every trial before the last one started (and ended) within the budget
     assert all(t.elapsed_s < budget for t in res.trials[:-1])
 
