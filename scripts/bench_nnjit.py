@@ -115,6 +115,8 @@ def main(argv=None) -> int:
                        "survivors": lite.candidates, "lite_tried": len(lite.trials),
                        "lite_time_s": lite.elapsed_s, "lite_best": lite.best.tile.key(),
                        "lite_gflops_tuning": lite.best.gflops, "max_rel_error": err,
+                       "jit_ms_per_kernel": sum(t.assemble_s * 1e3 + t.compile_ms for t in lite.trials)
+                       / len(lite.trials),
                        "lite_trials": order_for_report(lite.trials)}
                 if sess.ort_available():
                     sess.ort_prepare(h, threads=1)
@@ -204,7 +206,7 @@ def report(res, a) -> None:
           f"{res['rule']['registers']} registers, {res['rule']['l1_kb']} KiB)\n")
     hdr = (f"{'shape':>22} {'surv':>4} {'lite s':>6} {'tuned ms':>8} {'GF/s':>5} {'ORT ms':>7} {'GF/s':>5} "
            f"{'x ORT':>5} {'large':>7} {'rnd tried':>9} {'rnd GF/s':>8} {'eq %':>5} {'t_eq rnd':>8} {'t ratio':>8} "
-           f"{'speed@budget':>12} {'maxerr':>6}")
+           f"{'speed@budget':>12} {'maxerr':>6} {'jit ms':>6}")
     print(hdr)
     for r in res["shapes"]:
         teq = r.get("random_time_to_equal_s")
@@ -215,7 +217,8 @@ def report(res, a) -> None:
               f"{100 * r.get('random_equal_fraction', 0):>5.1f} "
               f"{(f'{teq:.1f}' if teq is not None else 'never'):>8} "
               f"{(r.get('tuning_time_ratio_bound', '') + format(r.get('tuning_time_ratio', float('nan')), '.1f')):>8} "
-              f"{(r.get('speed_ratio_at_equal_budget') or float('nan')):>12.2f} {r['max_rel_error']:>6.3f}")
+              f"{(r.get('speed_ratio_at_equal_budget') or float('nan')):>12.2f} {r['max_rel_error']:>6.3f} "
+              f"{r['jit_ms_per_kernel']:>6.1f}")
     for m, L in res["layers"].items():
         print(f"\n{m} layer (1x{a.seq_len}): tuned {L['kernel_ms']:.1f} ms ({L['kernel_gflops']:.1f} GFLOP/s) vs "
               f"onnxruntime-web wasm 1 thread {L['ort_ms']:.1f} ms ({L['ort_gflops']:.1f} GFLOP/s): "
@@ -225,6 +228,7 @@ def report(res, a) -> None:
           f"random search's best after the same budget); goal for tuning time to equal speed: >= 20x less "
           f"(t ratio; '>=' when the random search never reached it within the budget); eq %: share of random "
           f"trials within {100 * a.equal_tol:.0f} % of the lite winner's speed")
+    print("jit ms: generate + wat2wasm + WebAssembly.compile/instantiate per lite kernel (mean)")
     print(f"anchor: {ANCHOR}")
 
 
