@@ -63,6 +63,7 @@ class DualParalExecutor:
         self.k = 0  # index of the next item in the flat plan
         self.outstanding = deque()  # rank 0: (item, request, buffer) in send order
         self.sends = deque()  # (request, tensor) until complete
+        self.max_inflight = 2  # sends not yet waited for (backpressure; the receiver keeps one posted ahead)
         self.prefetch = None  # ranks > 0: (k, request, buffer) of the next item
 
     # ---- set-up ------------------------------------------------------------------------------------
@@ -95,8 +96,10 @@ class DualParalExecutor:
         self.sends.append((dist.isend(t, dst, group=group), t))
         self.stats.bytes_sent += t.numel() * t.element_size()
         self.stats.messages += 1
-        while self.sends and self.sends[0][0].is_completed():
-            self.sends.popleft()
+        # gloo's Work.is_completed() may stay False until wait(): bound the in-flight sends explicitly,
+        # or every sent message stays referenced and memory grows with the video length
+        while len(self.sends) > self.max_inflight:
+            self._wait(self.sends.popleft()[0])
 
     def _irecv(self, shape, src: int, group=None):
         buf = torch.empty(shape, device=self.device, dtype=self.dtype)
