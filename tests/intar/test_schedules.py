@@ -12,14 +12,15 @@ from effrun.techniques.intar.graph import Task, TaskGraph, TensorSpec
 from effrun.techniques.intar.instructions import emit
 from effrun.techniques.intar.kernels import kernel
 from effrun.techniques.intar.model import Model, Schedule
+from effrun.techniques.intar.plan import paper_seq_budget
 from effrun.techniques.intar.solver import solve
 from effrun.techniques.intar.target import FpgaTarget, budget
 
 
-def tiny_budget(g, onchip):
+def tiny_budget(g, onchip, spill_bpc=None):
     b = budget(FpgaTarget.u280(), IntarConfig(), 16, 16)
     return dataclasses.replace(b, lanes=48, stream_elems=8, sfu_elems=4, hbm_bytes_per_cycle=16,
-                               stage_overhead=3, onchip_bytes=onchip)
+                               stage_overhead=3, onchip_bytes=onchip, spill_bytes_per_cycle=spill_bpc)
 
 
 def chain():
@@ -63,13 +64,14 @@ def brute_force(m: Model, design: str, C: int) -> int:
     return best
 
 
-@pytest.mark.parametrize("graph,design,C,onchip", [
-    (chain, "intar", 2, 10_000), (chain, "intar", 2, 420), (chain, "sequential", 1, 420),
-    (chain, "dataflow", 2, 10_000), (qk, "intar", 2, 10_000), (qk, "intar", 2, 500),
+@pytest.mark.parametrize("graph,design,C,onchip,spill_bpc", [
+    (chain, "intar", 2, 10_000, None), (chain, "intar", 2, 420, None), (chain, "sequential", 1, 420, None),
+    (chain, "intar", 2, 420, 2), (chain, "dataflow", 2, 10_000, None), (qk, "intar", 2, 10_000, None),
+    (qk, "intar", 2, 500, None),
 ])
-def test_cpsat_equals_brute_force(graph, design, C, onchip):
+def test_cpsat_equals_brute_force(graph, design, C, onchip, spill_bpc):
     g = graph()
-    m = Model(g, tiny_budget(g, onchip))
+    m = Model(g, tiny_budget(g, onchip, spill_bpc))
     s = solve(m, design, C, time_s=20, workers=1)
     assert s.status == "optimal"
     ev = m.evaluate(s)
@@ -114,8 +116,7 @@ def _live_bytes_independent(m: Model, s: Schedule, st: int) -> int:
 def test_no_schedule_exceeds_onchip_memory(plans, name):
     r = plans[name]
     for design, s in r["schedules"].items():
-        m = r["model"] if design != "sequential_paper" else Model(r["graph"], dataclasses.replace(
-            r["budget"], hbm_bytes_per_cycle=57, hbm_ports=1))
+        m = r["model"] if design != "sequential_paper" else Model(r["graph"], paper_seq_budget(r["budget"]))
         for st in set(s.stage.values()):
             live = _live_bytes_independent(m, s, st)
             bufs = sum(m.fixed_buf[t] + m.dyn_buf(s, t) for t in m.tasks if s.stage[t] == st)

@@ -23,7 +23,7 @@ it moves. A special-function task: T = max(ceil(E / w_sfu), ceil(HBM / B)). Row 
 rows). Inside a stage (times relative to the stage start): start_c >= start_p + lag r_p and
 finish_c >= finish_p + tail r_c on a FIFO edge (lag/tail from the op's row window), start_c >=
 finish_p on a same-stage memory edge, finish >= start + T. A stage lasts max(finish,
-ceil(stage HBM bytes / B)) + the stage overhead. Memory of a stage: the scratchpad tensors alive
+ceil(stage HBM bytes / B), ceil(spilled bytes / B_spill)) + the stage overhead. Memory of a stage: the scratchpad tensors alive
 across it (produced at or before, read at or after, not spilled) plus the buffers its tasks need
 (a weight-matmul that streams A keeps W on chip; one that streams W keeps A; a spilled resident
 operand is reloaded). It must fit the on-chip budget.
@@ -271,8 +271,9 @@ class Model:
                         a = max(a, fin[p])
                 start[t], fin[t] = a, max(f, a + T)
                 tinfo[t] = {"stage": st, "start": a, "finish": fin[t], "T": T, "cores": n if t in self.core else 0}
-            hb = sum(self.hbm[t] for t in ts) + self.spill_bytes(s, st)
-            L = max(max(fin.values()), cdiv(hb, b.hbm_bytes_per_cycle))
+            sp = self.spill_bytes(s, st)
+            hb = sum(self.hbm[t] for t in ts) + sp
+            L = max(max(fin.values()), cdiv(hb, b.hbm_bytes_per_cycle), cdiv(sp, b.spill_bytes_per_cycle or b.hbm_bytes_per_cycle))
             mem = self.stage_bytes(s, st)
             if mem > b.onchip_bytes:
                 probs.append(f"stage {st} needs {mem} B on chip > budget {b.onchip_bytes}")

@@ -126,13 +126,16 @@ def solve(m: Model, design: str, C: int = 1, time_s: float = 10.0, workers: int 
         for t in tasks:
             md.Add(L[s] >= fi[t]).OnlyEnforceIf(a[t][s])
         hb = [m.hbm[t] * a[t][s] for t in tasks]
+        sp = []
         for x in m.intermediates:
             p = m.g.producer(x).name
-            hb.append(m.size[x] * conj([spill[x], a[p][s]], f"sw_{x}_{s}"))
+            sp.append(m.size[x] * conj([spill[x], a[p][s]], f"sw_{x}_{s}"))
             for cc, i in m.g.consumers(x):
                 e = (p, cc.name, i)
-                hb.append(m.size[x] * conj([spill[x], a[cc.name][s], df[e].Not()], f"sr_{x}_{cc.name}_{i}_{s}"))
-        md.Add(b.hbm_bytes_per_cycle * L[s] >= sum(hb))
+                sp.append(m.size[x] * conj([spill[x], a[cc.name][s], df[e].Not()], f"sr_{x}_{cc.name}_{i}_{s}"))
+        md.Add(b.hbm_bytes_per_cycle * L[s] >= sum(hb) + sum(sp))
+        if b.spill_bytes_per_cycle and b.spill_bytes_per_cycle < b.hbm_bytes_per_cycle and sp:
+            md.Add(b.spill_bytes_per_cycle * L[s] >= sum(sp))
 
     # on-chip memory per stage
     hs = {}

@@ -92,6 +92,9 @@ class Budget:
     stage_overhead: int        # cycles per stage (pipeline fill + reconfiguration)
     granularity: int           # dataflow lane steps
     hbm_ports: int
+    # bandwidth left to intermediates spilled to HBM (None: the whole pool); the artifact-style
+    # sequential baseline moves every intermediate through one AXI port
+    spill_bytes_per_cycle: Optional[int] = None
 
     @property
     def clock_hz(self) -> float:
