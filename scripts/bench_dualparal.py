@@ -49,6 +49,7 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", default=["serial_full", "serial_block", "dualparal", "ulysses"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-measure", action="store_true")
+    p.add_argument("--table", metavar="JSON", help="print the tables of a finished run and exit")
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench_dualparal"))
     return p.parse_args(argv)
 
@@ -135,6 +136,15 @@ def table(rows, worlds) -> str:
             if d and u:
                 out.append(f"  x{w} latents {d['video_latents']:>3}: latency {u['measured/latency_s'] / d['measured/latency_s']:.2f}x, "
                            f"memory delta {u['measured/max_rank_delta_mb']:.1f} / {d['measured/max_rank_delta_mb']:.1f} MB")
+    out.append("")
+    out.append("max-rank peak-RSS delta, shortest -> longest video (flat = memory independent of frames)")
+    for m, w in cols:
+        rs = [by[(m, w, n)] for n in lengths if (m, w, n) in by]
+        if len(rs) > 1:
+            a, b = rs[0], rs[-1]
+            out.append(f"  {m:>12} x{w}: {a['measured/max_rank_delta_mb']:.1f} MB @ {a['video_latents']} latents -> "
+                       f"{b['measured/max_rank_delta_mb']:.1f} MB @ {b['video_latents']} latents "
+                       f"({b['measured/max_rank_delta_mb'] - a['measured/max_rank_delta_mb']:+.1f} MB)")
     bits = [r.get("measured/bit_identical_to_serial_block") for r in rows if r["mode"] == "dualparal"]
     out.append(f"DualParal video bit-identical to the 1-process block-wise schedule: {bits}")
     return "\n".join(out)
@@ -175,10 +185,19 @@ def projection_text(p) -> str:
     return "\n".join(lines)
 
 
+def from_json(path: str) -> int:
+    r = json.loads(Path(path).read_text())
+    print(table(r["measured"], sorted({x["world"] for x in r["measured"] if x["world"] > 1})))
+    print(projection_text(r["projected"]))
+    return 0
+
+
 def main(argv=None) -> int:
     from effrun.errors import UserError
 
     a = parse(argv)
+    if a.table:
+        return from_json(a.table)
     if a.quick:
         a.lengths, a.steps = [4, 8, 12, 16], 2
     try:

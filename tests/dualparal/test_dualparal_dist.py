@@ -49,6 +49,14 @@ def test_iterations_and_items_on_every_rank(dual):
         assert r["cache"]["hits"] > 0
 
 
+def test_in_flight_state_is_bounded(dual):
+    """Held sends and awaited results do not grow with the number of blocks (flat per-rank memory)."""
+    w, res = dual
+    for r in res:
+        assert 1 <= r["max_sends"] <= 2
+    assert 1 <= res[0]["max_outstanding"] <= 2 * min(S.steps, S.blocks)
+
+
 def test_each_rank_holds_its_share_of_parameters(dual):
     w, res = dual
     full = VideoDiT(C)

@@ -37,10 +37,12 @@ class CommStats:
         self.messages = 0
         self.wait_s = 0.0  # time blocked in receives (pipeline bubbles + transfer)
         self.compute_s = 0.0
+        self.max_sends = 0  # most sends held at once (bounded: memory must not grow with the video)
+        self.max_outstanding = 0  # rank 0: most results awaited at once (<= ~2 queue lengths)
 
     def as_dict(self) -> dict:
         return dict(bytes_sent=self.bytes_sent, messages=self.messages, wait_s=self.wait_s,
-                    compute_s=self.compute_s)
+                    compute_s=self.compute_s, max_sends=self.max_sends, max_outstanding=self.max_outstanding)
 
 
 class DualParalExecutor:
@@ -100,6 +102,7 @@ class DualParalExecutor:
         # or every sent message stays referenced and memory grows with the video length
         while len(self.sends) > self.max_inflight:
             self._wait(self.sends.popleft()[0])
+        self.stats.max_sends = max(self.stats.max_sends, len(self.sends))
 
     def _irecv(self, shape, src: int, group=None):
         buf = torch.empty(shape, device=self.device, dtype=self.dtype)
@@ -156,6 +159,7 @@ class DualParalExecutor:
                 else:
                     req, buf = self._irecv(self._ret_shape(item), self.world - 1, self.ret_group)
                     self.outstanding.append((item, req, buf))
+                    self.stats.max_outstanding = max(self.stats.max_outstanding, len(self.outstanding))
                     self._isend(torch.cat((x, temb.unsqueeze(1).to(x.dtype), mod.to(x.dtype)), dim=1), 1)
                     frames += self._poll(sampler)
             else:
