@@ -9,8 +9,6 @@ import pytest
 from effrun.errors import UserError
 from effrun.techniques.intar import KERNEL_NAMES, IntarConfig
 from effrun.techniques.intar.graph import Task, TaskGraph, TensorSpec
-from effrun.techniques.intar.instructions import emit
-from effrun.techniques.intar.kernels import kernel
 from effrun.techniques.intar.model import Model, Schedule
 from effrun.techniques.intar.plan import paper_seq_budget
 from effrun.techniques.intar.solver import solve

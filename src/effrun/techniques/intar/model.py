@@ -273,7 +273,8 @@ class Model:
                 tinfo[t] = {"stage": st, "start": a, "finish": fin[t], "T": T, "cores": n if t in self.core else 0}
             sp = self.spill_bytes(s, st)
             hb = sum(self.hbm[t] for t in ts) + sp
-            L = max(max(fin.values()), cdiv(hb, b.hbm_bytes_per_cycle), cdiv(sp, b.spill_bytes_per_cycle or b.hbm_bytes_per_cycle))
+            L = max(max(fin.values()), cdiv(hb, b.hbm_bytes_per_cycle),
+                    cdiv(sp, b.spill_bytes_per_cycle or b.hbm_bytes_per_cycle))
             mem = self.stage_bytes(s, st)
             if mem > b.onchip_bytes:
                 probs.append(f"stage {st} needs {mem} B on chip > budget {b.onchip_bytes}")
