@@ -210,8 +210,10 @@ def run_plan(node, hardware: Any, run_dir: Optional[Path] = None, recorder: Any 
         results.append(r)
         if run_dir:
             _write(run_dir, r)
-        if recorder is not None:
-            recorder.log_step(i, **{k: v for k, v in row.items() if not isinstance(v, str) or k == "kernel"})
+        if recorder is not None:   # one row per kernel; model and C-sim fields keep their prefixes
+            recorder.log_step(i, kernel=row["kernel"], **{
+                (f"measured/{k}" if k.startswith("csim_") else f"projected/{k}"): v
+                for k, v in row.items() if k != "kernel" and not isinstance(v, str)})
     summary = summarize(rows, results, node)
     if recorder is not None:
         for k, v in summary.items():
