@@ -62,7 +62,9 @@ CONFIGS: Dict[str, EfficientViTConfig] = {c.name: c for c in (
                        paper_params_m=12.4, paper_macs_m=522, paper_top1=77.1, paper_gpu_ips=10621),
 )}
 VARIANTS = tuple(CONFIGS)
-ATTN_IMPLS = ("sdpa", "matmul")
+# "auto": explicit matmul + softmax on CPU (measured faster than the fused SDPA kernel for 49-token
+# windows, 1 thread), scaled_dot_product_attention elsewhere (fused GPU kernels)
+ATTN_IMPLS = ("auto", "sdpa", "matmul")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,12 +83,9 @@ class ConvBN(nn.Module):
         self.pointwise = k == 1 and stride == 1 and groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pointwise:  # one GEMM over the channel dim
-            y = F.linear(x, self.conv.weight.flatten(1), self.conv.bias)
-            if self.bn is not None:
-                y = self.bn(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            return y
-        y = self.conv(x.permute(0, 3, 1, 2))  # channels-last view in, channels-last out
+        # NHWC tensor -> channels-last NCHW view (no copy) -> oneDNN convolution -> NHWC view. For
+        # 1x1 convolutions this measured ~2x faster than F.linear (MKL GEMM) on the same data.
+        y = self.conv(x.permute(0, 3, 1, 2))
         if self.bn is not None:
             y = self.bn(y)
         return y.permute(0, 2, 3, 1)
@@ -165,7 +164,7 @@ class CascadedGroupAttention(nn.Module):
     softmax(q k^T / sqrt(key_dim) + bias_i) v; the heads are concatenated -> ReLU -> 1x1 Conv-BN."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, resolution: int,
-                 kernels: Sequence[int], attn_impl: str = "sdpa"):
+                 kernels: Sequence[int], attn_impl: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise UserError(f"width {dim} is not divisible by {num_heads} heads", key="model.num_heads")
@@ -218,7 +217,8 @@ class CascadedGroupAttention(nn.Module):
             q = self.dw[i](q)
             q, k, v = q.reshape(B, n, kd), k.reshape(B, n, kd), v.reshape(B, n, d)
             b = bias[i]
-            if self.attn_impl == "sdpa":
+            impl = self.attn_impl if self.attn_impl != "auto" else ("matmul" if x.device.type == "cpu" else "sdpa")
+            if impl == "sdpa":
                 o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                                                    attn_mask=b.to(q.dtype), scale=self.scale).squeeze(1)
             else:
@@ -235,7 +235,7 @@ class LocalWindowAttention(nn.Module):
     divide by the window are zero-padded at the bottom/right and cropped after (as the original)."""
 
     def __init__(self, dim: int, key_dim: int, num_heads: int, resolution: int, window: int,
-                 kernels: Sequence[int], attn_impl: str = "sdpa"):
+                 kernels: Sequence[int], attn_impl: str = "auto"):
         super().__init__()
         self.resolution, self.window = resolution, window
         self.attn = CascadedGroupAttention(dim, key_dim, num_heads, min(window, resolution), kernels, attn_impl)
@@ -261,7 +261,7 @@ class LocalWindowAttention(nn.Module):
 class SandwichBlock(nn.Module):
     """Res(DW 3x3) -> Res(FFN) -> Res(local-window CGA) -> Res(DW 3x3) -> Res(FFN)."""
 
-    def __init__(self, dim, key_dim, num_heads, resolution, window, kernels, attn_impl="sdpa"):
+    def __init__(self, dim, key_dim, num_heads, resolution, window, kernels, attn_impl="auto"):
         super().__init__()
         self.dw0 = ConvBN(dim, dim, 3, groups=dim, bn_init=0.0)
         self.ffn0 = FFN(dim, 2 * dim)
@@ -298,7 +298,7 @@ class Downsample(nn.Module):
 
 class Stage(nn.Module):
     def __init__(self, in_dim, dim, depth, key_dim, num_heads, resolution, window, kernels,
-                 downsample: bool, attn_impl="sdpa"):
+                 downsample: bool, attn_impl="auto"):
         super().__init__()
         self.down = Downsample(in_dim, dim) if downsample else None
         self.resolution = (resolution - 1) // 2 + 1 if downsample else resolution
@@ -343,7 +343,7 @@ class ClassifierHead(nn.Module):
 
 class EfficientViT(nn.Module):
     def __init__(self, cfg: EfficientViTConfig, num_classes: int = 1000, in_chans: int = 3,
-                 img_size: int = 224, window: Optional[int] = None, attn_impl: str = "sdpa"):
+                 img_size: int = 224, window: Optional[int] = None, attn_impl: str = "auto"):
         super().__init__()
         window = cfg.window if window is None else window
         check_geometry(cfg, img_size, window)
@@ -413,7 +413,7 @@ def get_config(variant: str) -> EfficientViTConfig:
 
 
 def build_efficientvit(variant: str, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
-                       window: Optional[int] = None, attn_impl: str = "sdpa") -> EfficientViT:
+                       window: Optional[int] = None, attn_impl: str = "auto") -> EfficientViT:
     return EfficientViT(get_config(variant), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         window=window, attn_impl=attn_impl)
 
