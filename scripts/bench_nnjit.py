@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     a = ap.parse_args(argv)
+    # SIGTERM -> SystemExit, so the browser and the page server are stopped by the normal clean-up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         budget = check_budget(a.budget)
         if a.seq_len < 1:

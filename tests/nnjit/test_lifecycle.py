@@ -74,3 +74,63 @@ def test_no_chromium_says_how_to_install(monkeypatch):
     with pytest.raises(UserError) as e:
         br.find_chromium()
     assert "scripts/setup/browser.sh" in e.value.line() and "apt-get install -y chromium" in e.value.line()
+
+
+OWNER = """
+import sys, time
+from effrun.techniques.nnjit.harness import BrowserSession
+s = BrowserSession().start()
+print(s.browser.proc.pid, s.browser.root, flush=True)
+try:
+    time.sleep(120)
+finally:
+    s.stop()
+"""
+
+
+def _owner():
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().split()
+    assert len(line) == 2, "the owner process did not start the browser"
+    return p, int(line[0]), line[1]
+
+
+def _wait_gone(group, root, timeout=15.0):
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and _ours(group, root):
+        time.sleep(0.2)
+    return _ours(group, root)
+
+
+@needs_browser
+def test_owner_killed_with_sigkill_takes_the_browser_along():
+    p, group, root = _owner()
+    assert _ours(group, root)
+    p.kill()                                              # no clean-up code runs in the owner
+    p.wait(10)
+    assert _wait_gone(group, root) == []                  # PR_SET_PDEATHSIG ends the browser
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@needs_browser
+def test_owner_interrupted_cleans_up():
+    p, group, root = _owner()
+    p.send_signal(signal.SIGINT)                          # KeyboardInterrupt -> finally: stop()
+    p.wait(30)
+    assert _wait_gone(group, root) == [] and not os.path.exists(root)
+
+
+def test_stale_roots_are_removed_only_when_unused(tmp_path, monkeypatch):
+    import tempfile
+    import time
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    old, fresh = tmp_path / (br.ROOT_PREFIX + "old"), tmp_path / (br.ROOT_PREFIX + "fresh")
+    old.mkdir()
+    fresh.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert br.remove_stale_roots() == [str(old)]
+    assert not old.exists() and fresh.exists()

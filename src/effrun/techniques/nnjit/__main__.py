@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-webgpu", action="store_true")
     ap.add_argument("--out", default="", help="run directory for nnjit.json / summary.json")
     a = ap.parse_args(argv)
+    # SIGTERM -> SystemExit, so the browser and the page server are stopped by the normal clean-up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         from .runner import NnjitRunner
         budget = a.budget
