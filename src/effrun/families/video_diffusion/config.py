@@ -1,0 +1,117 @@
+"""Typed configs of the video-diffusion family: the DiT shape (model.*) and one sampling job (data.*).
+
+The DiT follows Wan2.1's text-to-video transformer (diffusers `WanTransformer3DModel`): 3-D patch
+embedding, sinusoidal time embedding -> shared 6-way adaLN modulation, per layer: self-attention
+with RMSNorm on q/k and 3-D RoPE, cross-attention to the text context, GELU(tanh) FFN; output
+head with 2-way modulation. Random weights are fine for systems measurements; `wan2.1-1.3b` is
+the real shape, used by plan mode and the cost model (never instantiated on this machine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+from effrun.errors import UserError
+
+
+@dataclass
+class VideoDiTConfig:
+    name: str = "vdit-tiny"
+    family: str = "video-diffusion"
+    in_channels: int = 4
+    out_channels: int = 4
+    dim: int = 64
+    ffn_dim: int = 128
+    heads: int = 4
+    layers: int = 4
+    patch: List[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w)
+    text_dim: int = 32
+    text_len: int = 8
+    freq_dim: int = 32
+    eps: float = 1e-6
+    rope_max: int = 1024
+    seed: int = 0  # random weights: every layer is drawn from its own seed (rank-independent)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+# Wan2.1-T2V-1.3B / 14B transformer shapes (Wan-AI model cards; diffusers config.json of the repos)
+PRESETS = {
+    "vdit-tiny": VideoDiTConfig(),
+    "vdit-small": VideoDiTConfig(name="vdit-small", dim=128, ffn_dim=384, heads=4, layers=8, text_dim=64,
+                                 text_len=16, freq_dim=64),
+    "wan2.1-1.3b": VideoDiTConfig(name="wan2.1-1.3b", in_channels=16, out_channels=16, dim=1536, ffn_dim=8960,
+                                  heads=12, layers=30, text_dim=4096, text_len=512, freq_dim=256),
+    "wan2.1-14b": VideoDiTConfig(name="wan2.1-14b", in_channels=16, out_channels=16, dim=5120, ffn_dim=13824,
+                                 heads=40, layers=40, text_dim=4096, text_len=512, freq_dim=256),
+}
+
+
+def preset(name: str, **overrides) -> VideoDiTConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown video DiT {name!r}", key="model.name", choices=sorted(PRESETS))
+    return replace(PRESETS[name], **overrides)
+
+
+@dataclass
+class VideoSamplingConfig:
+    """One text-to-video sampling job in latent space (no VAE: latents in, latents out).
+
+    latent_frames counts like DualParal's `latents_num` (a multiple of block_frames); the block-wise
+    sampler's first block carries context_frames extra latents, so a block-wise video has
+    latent_frames + context_frames latents. Pixel frames = 4 * (latents - 1) + 1 (Wan's VAE).
+    """
+    latent_frames: int = 8
+    height: int = 8  # latent height (pixels / 8 with Wan's VAE)
+    width: int = 8
+    steps: int = 4  # T denoising steps (flow-matching Euler)
+    shift: float = 3.0  # Wan2.1 flow shift (3.0 for 480p)
+    guidance_scale: float = 5.0  # classifier-free guidance; 1.0 -> conditional branch only
+    block_frames: int = 2  # DualParal num_per_block
+    context_frames: int = 1  # DualParal num_cat (each side)
+    seed: int = 0
+    num_train_timesteps: int = 1000
+
+    @property
+    def blocks(self) -> int:
+        return self.latent_frames // self.block_frames
+
+    @property
+    def video_latents(self) -> int:
+        return self.latent_frames + self.context_frames
+
+
+WAN_480P = dict(height=60, width=104)  # 480 x 832 pixels / 8
+
+
+def check_sampling(s: VideoSamplingConfig, model: Optional[VideoDiTConfig] = None, prefix: str = "data") -> None:
+    """One-line UserErrors for shapes the block-wise sampler cannot run."""
+    if s.steps < 1:
+        raise UserError(f"steps={s.steps} must be >= 1", key=f"{prefix}.steps")
+    if s.block_frames < 1:
+        raise UserError(f"block_frames={s.block_frames} must be >= 1", key=f"{prefix}.block_frames")
+    if s.latent_frames < 1 or s.latent_frames % s.block_frames:
+        raise UserError(f"block_frames={s.block_frames} does not divide latent_frames={s.latent_frames} "
+                        f"(valid block_frames: {divisors(s.latent_frames)})", key=f"{prefix}.block_frames")
+    if not 0 <= s.context_frames <= s.block_frames:
+        raise UserError(f"context_frames={s.context_frames} is larger than a block (must be in "
+                        f"[0, block_frames={s.block_frames}])", key=f"{prefix}.context_frames")
+    if s.guidance_scale < 1.0:
+        raise UserError(f"guidance_scale={s.guidance_scale} must be >= 1.0", key=f"{prefix}.guidance_scale")
+    if model is not None:
+        pt, ph, pw = model.patch
+        if s.height % ph or s.width % pw:
+            raise UserError(f"latent {s.height}x{s.width} is not a multiple of the patch {ph}x{pw}",
+                            key=f"{prefix}.height")
+        if s.block_frames % pt or s.context_frames % pt:
+            raise UserError(f"block/context frames must be multiples of the temporal patch {pt}",
+                            key=f"{prefix}.block_frames")
+        if s.video_latents > model.rope_max:
+            raise UserError(f"{s.video_latents} latent frames exceed rope_max={model.rope_max}",
+                            key=f"{prefix}.latent_frames")
+
+
+def divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,125 @@
+"""nnAudio: spectrogram front-ends as trainable torch layers (Cheuk et al., IEEE Access 2020).
+
+A front-end (STFT, mel spectrogram, MFCC or constant-Q transform) is prepended to an audio model,
+so features are computed on the fly, on the model's device, in training and inference (no feature
+files); `trainable=True` makes its kernels parameters. The baseline (`features=librosa_files`)
+precomputes the same features with librosa into files, as users do without nnAudio.
+
+This module holds the config dataclass, its validation and the builder; it imports no torch
+(the CLI imports technique specs to compose configs). The layers live in `layers.py`, the librosa
+baseline in `baseline.py`. The entry point (TechniqueSpec) is written by the integration step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from effrun.errors import UserError
+
+FRONT_ENDS = ("stft", "mel", "mfcc", "cqt")
+FEATURES = ("layer", "librosa_files")
+
+
+@dataclass
+class NnAudioConfig:
+    name: str = "nnaudio"
+    front_end: str = "mel"            # stft | mel | mfcc | cqt
+    trainable: bool = False           # kernels as parameters (STFT cos/sin, mel filterbank, CQT wavelets)
+    # layer: the torch front-end computes features on the fly (train and infer);
+    # librosa_files: the baseline -- features precomputed once with librosa into files, read back
+    features: str = "layer"
+    # STFT framing (stft, mel, mfcc)
+    n_fft: int = 512
+    hop_length: int = 128             # also the CQT hop (2010 kind: divisible by 2^(octaves-1) for full speed)
+    win_length: Optional[int] = None  # null: n_fft
+    window: str = "hann"
+    center: bool = True
+    pad_mode: str = "constant"        # constant (librosa's default) | reflect (nnAudio's default)
+    output: str = "magnitude"         # stft only: magnitude | power
+    # mel / mfcc
+    n_mels: int = 64
+    fmin: Optional[float] = None      # null: 0 Hz (mel), 32.70 Hz = C1 (cqt)
+    fmax: Optional[float] = None      # null: sample_rate / 2 (mel)
+    htk: bool = False
+    n_mfcc: int = 20
+    top_db: Optional[float] = 80.0
+    # cqt
+    cqt_kind: str = "2010"            # 2010: octave recursion (librosa's algorithm, fastest) | 1992: full kernels
+    n_bins: int = 72
+    bins_per_octave: int = 12
+    filter_scale: float = 1.0
+    sparsity: float = 0.01            # librosa's kernel sparsification quantile
+    # a clip shorter than one frame / the longest CQT wavelet: error, or zero-extend (librosa's padding)
+    short_input: str = "error"
+
+
+def _keys(prefix: str):
+    from .checks import Keys
+
+    return Keys(prefix)
+
+
+def layer_kwargs(cfg: NnAudioConfig, sample_rate: float) -> dict:
+    """The layer constructor arguments for `cfg` (also used by the librosa baseline)."""
+    common = dict(n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length, window=cfg.window,
+                  center=cfg.center, pad_mode=cfg.pad_mode, short_input=cfg.short_input)
+    if cfg.front_end == "stft":
+        return dict(common, output=cfg.output, sample_rate=sample_rate)
+    mel = dict(common, sample_rate=sample_rate, n_mels=cfg.n_mels, fmin=0.0 if cfg.fmin is None else cfg.fmin,
+               fmax=cfg.fmax, htk=cfg.htk)
+    if cfg.front_end == "mel":
+        return mel
+    if cfg.front_end == "mfcc":
+        return dict(mel, n_mfcc=cfg.n_mfcc, top_db=cfg.top_db)
+    return dict(sample_rate=sample_rate, hop_length=cfg.hop_length, fmin=cfg.fmin, n_bins=cfg.n_bins,
+                bins_per_octave=cfg.bins_per_octave, filter_scale=cfg.filter_scale, sparsity=cfg.sparsity,
+                kind=str(cfg.cqt_kind), pad_mode=cfg.pad_mode, short_input=cfg.short_input)
+
+
+def validate(cfg: NnAudioConfig, sample_rate: float, clip_samples: Optional[int] = None,
+             key_prefix: str = "technique.") -> None:
+    """Every bad value -> one UserError line naming the key (numpy only; no torch, no layer built)."""
+    from . import checks as C
+
+    keys = _keys(key_prefix)
+    C.choice(keys, "front_end", cfg.front_end, FRONT_ENDS)
+    C.choice(keys, "features", cfg.features, FEATURES)
+    sr = C.sample_rate(keys, sample_rate)
+    if cfg.front_end == "stft" and cfg.output not in ("magnitude", "power"):
+        raise UserError(f"unknown value {cfg.output!r}", key=keys("output"), choices=("magnitude", "power"))
+    if cfg.front_end == "cqt":
+        fmin = C.cqt(keys, sr, cfg.hop_length, cfg.fmin, cfg.n_bins, cfg.bins_per_octave, cfg.filter_scale,
+                     cfg.sparsity, cfg.cqt_kind, "magnitude", cfg.pad_mode, cfg.short_input)
+        need = C.cqt_longest(sr, fmin, cfg.n_bins, cfg.bins_per_octave, cfg.filter_scale)
+        what = f"the longest CQT wavelet (fmin={fmin:g} Hz)"
+        reflect_pad = need  # conservative; the layer checks the exact value
+    else:
+        win_length = cfg.n_fft if cfg.win_length is None else cfg.win_length
+        C.stft(keys, cfg.n_fft, cfg.hop_length, win_length, cfg.window, cfg.pad_mode,
+               cfg.output if cfg.front_end == "stft" else "power", cfg.short_input)
+        if cfg.front_end in ("mel", "mfcc"):
+            C.mel(keys, sr, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax, cfg.htk, "slaney")
+        if cfg.front_end == "mfcc":
+            C.integer(keys, "n_mfcc", cfg.n_mfcc, 1)
+            if cfg.n_mfcc > cfg.n_mels:
+                raise UserError(f"n_mfcc={cfg.n_mfcc} is larger than n_mels={cfg.n_mels}; valid: 1..{cfg.n_mels}",
+                                key=keys("n_mfcc"))
+        need, what, reflect_pad = cfg.n_fft, f"one frame (n_fft={cfg.n_fft})", cfg.n_fft // 2
+    if clip_samples is not None:
+        C.length(keys, int(clip_samples), need, what, sr, cfg.short_input, cfg.pad_mode,
+                 reflect_pad if cfg.pad_mode == "reflect" else -1)
+
+
+def build_front_end(cfg: NnAudioConfig, sample_rate: float, key_prefix: str = "technique."):
+    """The torch front-end module for `cfg` ([B, S] waveforms -> [B, F, T] features)."""
+    from . import layers
+
+    cls = {"stft": layers.STFT, "mel": layers.MelSpectrogram, "mfcc": layers.MFCC, "cqt": layers.CQT}
+    if cfg.front_end not in cls:
+        raise UserError(f"unknown value {cfg.front_end!r}", key=key_prefix + "front_end", choices=FRONT_ENDS)
+    return cls[cfg.front_end](trainable=cfg.trainable, key_prefix=key_prefix, **layer_kwargs(cfg, sample_rate))
+
+
+def features_are_log(cfg: NnAudioConfig) -> bool:
+    """MFCCs are already in dB; the other front-ends give magnitudes/powers for the model to log-compress."""
+    return cfg.front_end == "mfcc"
