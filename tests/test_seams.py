@@ -40,7 +40,7 @@ def _losses(r):
 def test_kill_9_after_step_k_then_resume_equals_uninterrupted(effrun, tmp_path, case):
     args = [*LM, *CASES[case], "run.max_steps=4", "run.checkpoint_every=1"]
     ref = effrun("train", *args, env=ENV, root=tmp_path / "ref", timeout=900)
-    rd = tmp_path / "run"
+    rd = tmp_path / "run-root" / "run"
     killed = effrun("train", *args, "run.crash_after_steps=2", f"hydra.run.dir={rd}", env=ENV, check=False,
                     root=tmp_path / "run-root", timeout=900)
     assert killed.returncode != 0

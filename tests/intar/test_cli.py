@@ -1,16 +1,17 @@
-"""Bad input through the command line: one line on stderr naming the key, exit code 2."""
+"""`effrun plan +technique=intar`: bad input is one line on stderr naming the key, exit code 2;
+a whole plan writes its schedule, instructions, C++ and C-simulation result."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT
+BASE = ["+technique=intar", "hardware=alveo-u280", "logger=quiet"]
 
 
-def run(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "effrun.techniques.intar", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout)
+@pytest.fixture
+def run(effrun):
+    def _run(*args, timeout=120, **kw):
+        return effrun("plan", *BASE, *args, check=False, timeout=timeout, **kw)
+    return _run
 
 
 def graph_file(tmp_path, tensors, tasks, outputs):
@@ -27,45 +28,50 @@ def one_line_exit2(cp, *needles):
         assert n in lines[0], lines[0]
 
 
-def test_cycle(tmp_path):
+def test_cycle(run, tmp_path):
     g = graph_file(tmp_path, {"x": {"shape": [4, 8], "kind": "input"}, "a": {"shape": [4, 8]},
                               "b": {"shape": [4, 8]}},
                    [{"name": "t1", "op": "add", "inputs": ["x", "b"], "output": "a"},
                     {"name": "t2", "op": "relu", "inputs": ["a"], "output": "b"}], ["b"])
-    one_line_exit2(run("--graph", g, "--no-csim"), "technique.graph", "cycle")
+    one_line_exit2(run(f"technique.graph={g}", "technique.csim=false"), "technique.graph", "cycle")
 
 
-def test_shape_mismatch(tmp_path):
+def test_shape_mismatch(run, tmp_path):
     g = graph_file(tmp_path, {"x": {"shape": [4, 8], "kind": "input"}, "w": {"shape": [16, 8], "kind": "weight"},
                               "y": {"shape": [4, 8]}},
                    [{"name": "mm", "op": "matmul", "inputs": ["x", "w"], "output": "y"}], ["y"])
-    one_line_exit2(run("--graph", g, "--no-csim"), "technique.graph", "shape mismatch", "'mm'")
+    one_line_exit2(run(f"technique.graph={g}", "technique.csim=false"), "technique.graph", "shape mismatch", "'mm'")
 
 
-def test_cannot_fit_even_sequentially(tmp_path):
+def test_cannot_fit_even_sequentially(run, tmp_path):
     g = graph_file(tmp_path, {"x": {"shape": [8192, 8192], "kind": "input"},
                               "w": {"shape": [8192, 8192], "kind": "weight"}, "y": {"shape": [8192, 8192]}},
                    [{"name": "mm", "op": "matmul", "inputs": ["x", "w"], "output": "y"}], ["y"])
-    one_line_exit2(run("--graph", g, "--no-csim"), "technique.kernel", "even sequentially")
+    one_line_exit2(run(f"technique.graph={g}", "technique.csim=false"), "technique.kernel", "even sequentially")
 
 
-def test_missing_compiler():
-    one_line_exit2(run("--kernel", "vae", "--cxx", "no-such-g++-anywhere"), "technique.cxx", "not found")
+def test_missing_compiler(run):
+    one_line_exit2(run("technique.kernel=vae", "technique.cxx=no-such-g++-anywhere"), "technique.cxx", "not found")
 
 
-def test_unknown_kernel_and_bad_field():
-    one_line_exit2(run("--kernel", "resnet"), "technique.kernel", "valid:")
-    one_line_exit2(run("--kernel", "vae", "--set", "onchip_fraction=2"), "technique.onchip_fraction")
-    one_line_exit2(run("--kernel", "vae", "--cores", "0,2"), "technique.cores")
+def test_unknown_kernel_and_bad_field(run):
+    one_line_exit2(run("technique.kernel=resnet"), "technique.kernel", "valid:")
+    one_line_exit2(run("technique.kernel=vae", "technique.onchip_fraction=2"), "technique.onchip_fraction")
+    one_line_exit2(run("technique.kernel=vae", "technique.cores=[0,2]"), "technique.cores")
+    one_line_exit2(run("technique.kernel=vae", "hardware=cpu"), "hardware")
 
 
-def test_plan_runs_end_to_end(tmp_path):
+def test_plan_runs_end_to_end(run):
     """A whole plan for one kernel: schedule, instructions, C++ and C simulation, files written."""
     pytest.importorskip("ortools")
-    cp = run("--kernel", "vae", "--cores", "2,16", "--solver-time", "2", "--out", str(tmp_path), timeout=300)
+    cp = run("technique.kernel=vae", "technique.cores=[2,16]", "technique.solver_time_s=2", timeout=300)
     if "hls_headers" in cp.stderr:
         pytest.skip("hls4ml headers missing: run scripts/setup/hls_headers.sh")
     assert cp.returncode == 0, cp.stderr[-2000:]
+    s = cp.summary()
+    assert s["status"] == "completed" and s["measured/vae/csim_bit_exact"] == 1
+    assert s["projected/vae/intar_cycles"] <= min(s["projected/vae/dataflow_cycles"], s["projected/vae/sequential_cycles"])
+    tmp_path = cp.run_dirs()[-1]
     d = tmp_path / "intar" / "vae"
     insts = json.loads((d / "instructions.json").read_text())
     sched = json.loads((d / "schedule_intar.json").read_text())

@@ -1,7 +1,7 @@
 """InTAR: inter-task auto-reconfigurable FPGA accelerators (arXiv 2502.08807; OswaldHe/InTAR).
 
-`effrun plan +technique=intar hardware=alveo-u280 technique.kernel=<name>|all` (once the plan seam
-lands; today: `python -m effrun.techniques.intar`). A multi-task kernel is a task graph
+`effrun plan +technique=intar hardware=alveo-u280 technique.kernel=<name>|all` (the plan seam: no
+torch model is built). A multi-task kernel is a task graph
 (`graph.py`, the six paper kernels in `kernels.py`). A CP-SAT search (`solver.py`) picks, per task,
 its stage, the compute cores it is split over, and per edge dataflow (FIFO to the next unit, same
 stage) or sequential (the scratchpad, a later stage or after the producer finished), under the
@@ -77,7 +77,16 @@ def check(cfg, node) -> None:
                         f"{hw.kind}", key="hardware", choices=["alveo-u280"])
 
 
-# The plugin adapter (after the plan seam lands) registers:
-#   TechniqueSpec(name="intar", config=IntarConfig, plugin="effrun.techniques.intar.plugin:Intar",
-#                 modes=("plan",), families=(), hardware="project", check=check, ...)
-# Its plan() calls effrun.techniques.intar.plan.run_plan(node, ctx.cfg.hardware, ctx.run_dir, ctx.recorder).
+def _spec():
+    from effrun.technique import TechniqueSpec
+
+    return TechniqueSpec(
+        name="intar", config=IntarConfig, plugin="effrun.techniques.intar.plugin:Intar", modes=("plan",),
+        families=(), hardware="project", check=check,
+        smoke_overrides={"plan": ("hardware=alveo-u280", "technique.kernel=vae", "technique.cores=[2]",
+                                  "technique.solver_time_s=2")},
+        metrics={"plan": ("projected/*", "?measured/*/csim_*")},
+        description="InTAR: inter-task reconfigurable FPGA schedules (CP-SAT), cycle model, HLS C-simulated")
+
+
+spec = _spec()
