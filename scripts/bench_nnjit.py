@@ -243,7 +243,7 @@ def report(res, a) -> None:
     print(f"  (this machine's L1d: {res['l1_detected_kib']} KiB; the rule used here: "
           f"{res['rule']['registers']} registers, {res['rule']['l1_kb']} KiB)\n")
     hdr = (f"{'shape':>22} {'surv':>4} {'lite s':>6} {'tuned ms':>8} {'GF/s':>5} {'ORT ms':>7} {'GF/s':>5} "
-           f"{'x ORT':>5} {'large':>7} {'rnd tried':>9} {'near':>4} {'rnd/lite':>8} {'eq %':>5} {'t_eq rnd':>8} {'t ratio':>8} "
+           f"{'x ORT':>5} {'x med':>5} {'large':>7} {'rnd tried':>9} {'near':>4} {'rnd/lite':>8} {'eq %':>5} {'t_eq rnd':>8} {'t ratio':>8} "
            f"{'speed@budget':>12} {'maxerr':>6} {'jit ms':>6}")
     print(hdr)
     for r in res["shapes"]:
@@ -251,6 +251,7 @@ def report(res, a) -> None:
         print(f"{r['shape']:>22} {r['survivors']:>4} {r['lite_time_s']:>6.1f} {r.get('kernel_ms', float('nan')):>8.2f} "
               f"{r.get('kernel_gflops', float('nan')):>5.1f} {r.get('ort_ms', float('nan')):>7.2f} "
               f"{r.get('ort_gflops', float('nan')):>5.1f} {r.get('speedup_vs_ort', float('nan')):>5.2f} "
+              f"{r.get('speedup_vs_ort_median', float('nan')):>5.2f} "
               f"{r.get('large_space', 0):>7} {r.get('random_tried', 0):>9} {r.get('random_near', 0):>4} "
               f"{(r.get('random_best_vs_lite') or float('nan')):>8.2f} "
               f"{100 * r.get('random_equal_fraction', 0):>5.1f} "
@@ -269,7 +270,10 @@ def report(res, a) -> None:
           f"trials confirmed within {100 * a.equal_tol:.0f} % of the lite winner's speed; near: random trials "
           f"within 20 % during the search, re-timed alternately with the lite winner; rnd/lite: fastest "
           f"confirmed random kernel vs the lite winner (same moment)")
-    print("jit ms: generate + wat2wasm + WebAssembly.compile/instantiate per lite kernel (mean)")
+    print("x ORT: onnxruntime-web ms / tuned ms, minima of the interleaved samples; x med: the same with medians "
+          "(on a loaded machine the medians of interleaved samples are the steadier comparison)")
+    print("jit ms: generate + wat2wasm + WebAssembly.compile/instantiate per lite kernel (mean; V8's background "
+          "TurboFan recompilation not included)")
     print(f"anchor: {ANCHOR}")
 
 
