@@ -1,0 +1,93 @@
+"""Dovetail: heterogeneous speculative decoding (EMNLP'25; ddInference/Dovetail, EAGLE-based).
+
+The target model verifies on the CPU; an EAGLE-style draft head with Dynamic Gating Fusion (DGF)
+drafts a token tree on the accelerator; only token ids, tree masks and hidden states cross between
+them. Greedy output equals the target alone, token for token.
+
+- `effrun train +technique=dovetail`: trains the draft head on the frozen target's own features
+  (feature regression + soft cross-entropy through the frozen lm_head) and saves it.
+- `effrun infer +technique=dovetail technique.draft_path=...`: tree drafting + tree-masked
+  verification in one target forward per round.
+
+Library: `draft` (DGF / EAGLE fusion, the head, save/load with a target header), `tree` (dynamic
+draft tree, mask, greedy acceptance), `decoding` (prefill/step strategy, the draft worker),
+`train` (target features, EAGLE loss), `costmodel` (projection to a LLaMA2-7B-shaped target).
+No torch import here (the CLI imports specs to compose configs). Not yet registered as an entry
+point: `plugin.py` is the thin adapter for the seams API.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from effrun.errors import UserError
+
+FUSIONS = ("dgf", "fc")  # dgf: Dovetail's Dynamic Gating Fusion; fc: EAGLE-1's concat + linear
+DRAFT_DEVICES = ("auto", "cpu", "cuda")
+DRAFT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DovetailConfig:
+    name: str = "dovetail"
+    # draft head: feature/embedding fusion and number of decoder layers ("deeper draft"; the paper
+    # uses up to 6 and 5 in its main runs; each layer costs a full layer of the target's width)
+    fusion: str = "dgf"
+    draft_layers: int = 1
+    # draft tree (EAGLE-2-style dynamic tree): total_tokens draft tokens per round, at most `depth`
+    # along any path, `top_k` children expanded per node. Paper: 16 tokens, depth 7, top-k 10.
+    total_tokens: int = 16
+    depth: int = 7
+    top_k: int = 10
+    # infer: the trained draft (safetensors written by train); train: where to save it
+    # (null -> <run_dir>/dovetail_draft.safetensors)
+    draft_path: Optional[str] = None
+    # where the draft runs ("auto": cuda when present, else a CPU worker thread) and in what dtype
+    # ("auto": float16 on cuda, bfloat16 on a CPU with native bf16, else float32)
+    draft_device: str = "auto"
+    draft_dtype: str = "auto"
+    # training loss (EAGLE's weights): reg_weight * SmoothL1(feature) + ce_weight * soft CE(tokens)
+    reg_weight: float = 1.0
+    ce_weight: float = 0.1
+    # uniform noise of this width added to the target features the draft reads in training (EAGLE
+    # trains with such noise so the head tolerates its own feature errors deep in the tree); 0: off
+    feature_noise: float = 0.0
+    init_seed: int = 0
+
+
+def check(cfg, node) -> None:
+    """One-line errors for bad values, before any model is built (no torch import)."""
+    validate_fields(node)
+
+
+def validate_fields(node) -> None:
+    if node.fusion not in FUSIONS:
+        raise UserError(f"unknown fusion {node.fusion!r}", key="technique.fusion", choices=FUSIONS)
+    if int(node.draft_layers) < 1:
+        raise UserError(f"draft_layers={node.draft_layers}: must be >= 1", key="technique.draft_layers")
+    if int(node.total_tokens) < 1:
+        raise UserError(f"total_tokens={node.total_tokens}: the draft tree needs at least 1 token",
+                        key="technique.total_tokens")
+    if int(node.depth) < 1:
+        raise UserError(f"depth={node.depth}: must be >= 1", key="technique.depth")
+    if int(node.depth) > int(node.total_tokens):
+        raise UserError(f"depth={node.depth} is larger than the tree (total_tokens={node.total_tokens}); "
+                        f"valid: 1..{node.total_tokens}", key="technique.depth")
+    if int(node.top_k) < 1:
+        raise UserError(f"top_k={node.top_k}: must be >= 1", key="technique.top_k")
+    if node.draft_device not in DRAFT_DEVICES:
+        raise UserError(f"unknown draft_device {node.draft_device!r}", key="technique.draft_device",
+                        choices=DRAFT_DEVICES)
+    if node.draft_dtype not in DRAFT_DTYPES:
+        raise UserError(f"unknown draft_dtype {node.draft_dtype!r}", key="technique.draft_dtype",
+                        choices=DRAFT_DTYPES)
+    for k in ("reg_weight", "ce_weight", "feature_noise"):
+        if float(getattr(node, k)) < 0:
+            raise UserError(f"{k}={getattr(node, k)}: must be >= 0", key=f"technique.{k}")
+    if float(node.reg_weight) == 0 and float(node.ce_weight) == 0:
+        raise UserError("reg_weight and ce_weight are both 0: nothing to train", key="technique.ce_weight")
+
+
+# The spec the integration step registers (entry point `dovetail = "effrun.techniques.dovetail:spec"`)
+# once the seams land; kept as plain data here so nothing imports the plugin before then.
+SPEC_DRAFT = dict(name="dovetail", config=DovetailConfig, plugin="effrun.techniques.dovetail.plugin:Dovetail",
+                  modes=("train", "infer"), check=check,
+                  description="Dovetail: draft head (DGF) on the accelerator, target verifies a token tree on the CPU")

@@ -1,0 +1,89 @@
+"""Training the draft head on the frozen target's own features (EAGLE's recipe).
+
+For a token block x_0..x_{T-1} the target (no grad) gives post-norm features f_0..f_{T-1}. The
+draft reads pairs (f_i, x_{i+1}) for i = 0..T-2 (causal over the block) and predicts f̂_{i+1}:
+
+    loss_i = reg_weight * mean_h SmoothL1(f̂_{i+1}, f_{i+1})
+           + ce_weight  * CE(softmax(lm_head(f_{i+1})), log_softmax(lm_head(f̂_{i+1})))
+
+with lm_head the target's, frozen (gradients flow through it into f̂ only). Weights: EAGLE's
+(1.0 regression, 0.1 soft cross-entropy against the target's own next-token distribution, not the
+corpus token: the draft must imitate the target, whatever the data says). `loss` returns
+(sum over valid positions, number of positions), effrun's token-level loss convention.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effrun.techniques.dovetail.draft import DraftHead, target_io
+
+
+@torch.no_grad()
+def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
+    """Post-norm last-layer features [B,T,H] of the frozen target (no grad, no cache)."""
+    dec, _ = target_io(target)
+    return dec(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor = None,
+               reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
+               generator: torch.Generator = None) -> Tuple[torch.Tensor, int]:
+    """(loss_sum, count) of the draft on one batch given the target's features [B,T,H]."""
+    B, T = input_ids.shape
+    if T < 2:
+        raise ValueError("EAGLE training needs blocks of at least 2 tokens")
+    src, tgt = feats[:, :-1], feats[:, 1:]
+    nxt = input_ids[:, 1:]
+    valid = torch.ones_like(nxt, dtype=torch.bool) if labels is None else labels[:, :-1] != -100
+    if feature_noise > 0:
+        noise = torch.rand(src.shape, generator=generator, dtype=src.dtype, device=src.device) - 0.5
+        src = src + feature_noise * noise
+    pos = torch.arange(T - 1, device=input_ids.device)[None].expand(B, -1)
+    pred = draft(src, nxt, pos)
+    acc = torch.promote_types(pred.dtype, torch.float32)  # the loss in >= fp32 even for bf16 training
+    per = pred.new_zeros(B, T - 1, dtype=acc)
+    if reg_weight:
+        per = per + reg_weight * F.smooth_l1_loss(pred.to(acc), tgt.to(acc), reduction="none").mean(-1)
+    if ce_weight:
+        with torch.no_grad():
+            p_target = F.softmax(draft.logits(tgt).to(acc), dim=-1)
+        logq = F.log_softmax(draft.logits(pred).to(acc), dim=-1)
+        per = per - ce_weight * (p_target * logq).sum(-1)
+    count = int(valid.sum())
+    return (per * valid).sum(), count
+
+
+class DovetailTrainModule(nn.Module):
+    """What `transform_model` returns in train mode: the frozen target and the trainable draft."""
+
+    def __init__(self, target, draft: DraftHead):
+        super().__init__()
+        self.target = target.eval()
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.draft = draft
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target.eval()  # the target never trains (no dropout either)
+        return self
+
+    def loss(self, batch: dict, reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0):
+        feats = target_features(self.target, batch["input_ids"])
+        return eagle_loss(self.draft, feats, batch["input_ids"], batch.get("labels"), reg_weight, ce_weight,
+                          feature_noise)
+
+    @torch.no_grad()
+    def accuracy(self, batch: dict) -> Tuple[int, int]:
+        """(draft top-1 == target top-1 at the next position, positions): one-step acceptance proxy."""
+        ids = batch["input_ids"]
+        feats = target_features(self.target, ids)
+        B, T = ids.shape
+        pos = torch.arange(T - 1, device=ids.device)[None].expand(B, -1)
+        pred = self.draft(feats[:, :-1], ids[:, 1:], pos)
+        hit = self.draft.logits(pred).argmax(-1) == self.draft.logits(feats[:, 1:]).argmax(-1)
+        return int(hit.sum()), int(hit.numel())
