@@ -1,10 +1,10 @@
 """EfficientViT M0..M5 (Liu et al., "EfficientViT: Memory Efficient Vision Transformer with Cascaded
 Group Attention", CVPR 2023), written for effrun from the paper and NOTES section 2.
 
-Layout: every tensor between layers is NHWC ([B, H, W, C], contiguous). A 1x1 convolution is then one
-GEMM over the last dim (`F.linear`), a depthwise/strided convolution runs on the channels-last view
-`x.permute(0, 3, 1, 2)` (no copy), the attention's q/k/v are plain `[tokens, dim]` views, and a window
-partition is one reshape. The module tree is our own; `timm_to_ours` / `load_timm_state_dict` map
+Layout: every tensor between layers is NHWC ([B, H, W, C], contiguous). Every convolution (1x1,
+depthwise, strided) runs through oneDNN on the channels-last view `x.permute(0, 3, 1, 2)` (no copy)
+and its channels-last output is viewed back as NHWC; the attention's q/k/v are plain
+`[tokens, dim]` views, and a window partition is one reshape. The module tree is our own; `timm_to_ours` / `load_timm_state_dict` map
 timm's `efficientvit_msra` key names onto it (timm is never imported by the model).
 
 Inference as users run it: `optimize_for_inference(model)` puts the model in eval mode, folds every
@@ -80,7 +80,6 @@ class ConvBN(nn.Module):
         self.bn: Optional[nn.BatchNorm2d] = nn.BatchNorm2d(cout)
         nn.init.constant_(self.bn.weight, bn_init)
         nn.init.constant_(self.bn.bias, 0.0)
-        self.pointwise = k == 1 and stride == 1 and groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC tensor -> channels-last NCHW view (no copy) -> oneDNN convolution -> NHWC view. For
