@@ -58,6 +58,11 @@ class Family:
         pass
 
     # --- model -------------------------------------------------------------------------------
+    def needs_model(self, executor=None) -> bool:
+        """Whether the infer loop builds the whole model (`build_model()`) for this run. A family whose
+        pipeline executor holds its own part of the model (one rank of a pipeline) answers False."""
+        return True
+
     def build_model(self):
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from effrun.families.video_diffusion.config import VideoSamplingConfig, preset
 from effrun.families.video_diffusion.dit import VideoDiT, text_embeddings
 from effrun.families.video_diffusion.sampler import WorkItem, forward_block, schedule
-from effrun.techniques.dualparal.cache import FeatureCache
+from effrun.families.video_diffusion.cache import FeatureCache
 from effrun.techniques.dualparal.costmodel import (Hardware, dualparal_memory_gb, forward_flops, project,
                                                    sequence_parallel, simulate_dualparal)
 

@@ -1,4 +1,5 @@
-"""Coordinated noise, layer partition, parameter shares at the Wan2.1-1.3B shape, bad input."""
+"""Coordinated noise, layer partition, parameter shares at the Wan2.1-1.3B shape, the projection through
+`effrun plan`, bad input (config checks and the CLI: one line, exit 2)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,8 @@ import torch
 from effrun.errors import UserError
 from effrun.families.video_diffusion.config import preset
 from effrun.families.video_diffusion.dit import VideoDiT, param_count
+from effrun.families.video_diffusion.noise import CoordinatedNoise
 from effrun.techniques.dualparal import DualParalConfig, check
-from effrun.techniques.dualparal.noise import CoordinatedNoise
 from effrun.techniques.dualparal.partition import split_layers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,36 +73,99 @@ def test_more_processes_than_layers_is_one_line():
     assert e.value.key == "parallelism.world_size" and "\n" not in e.value.line()
 
 
-@pytest.mark.parametrize("kw,key", [
-    (dict(block_frames=4, context_frames=5), "technique.context_frames"),
-    (dict(noise="uniform"), "technique.noise"),
-    (dict(baselines=["xdit"]), "technique.baselines"),
-    (dict(project_frames=1024), "technique.project_frames"),
+def _cfg(mode="infer", world=2, layers=4, heads=4, sampler="blockwise", latent_frames=8, context_frames=1):
+    """The part of a composed config the pre-flight check reads."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(dict(mode=mode, parallelism=dict(world_size=world),
+                                 model=dict(family="video-diffusion", layers=layers, heads=heads, patch=[1, 2, 2]),
+                                 data=dict(sampler=sampler, latent_frames=latent_frames,
+                                           context_frames=context_frames)))
+
+
+@pytest.mark.parametrize("kw,cfg,key", [
+    (dict(mode="pipefusion"), _cfg(), "technique.mode"),
+    (dict(), _cfg(sampler="full"), "data.sampler"),
+    (dict(mode="ulysses"), _cfg(sampler="blockwise"), "data.sampler"),
+    (dict(), _cfg(world=5, layers=4), "parallelism.world_size"),
+    (dict(mode="ulysses"), _cfg(world=3, sampler="full"), "parallelism.world_size"),
+    (dict(mode="ulysses"), _cfg(world=4, heads=8, sampler="full", latent_frames=2, context_frames=1),
+     "parallelism.world_size"),
+    (dict(project_frames=1024), _cfg(), "technique.project_frames"),
+    (dict(project_context_frames=[9]), _cfg(), "technique.project_context_frames"),
+    (dict(project_mfu=1.5), _cfg(), "technique.project_mfu"),
 ])
-def test_config_check_rejects(kw, key):
+def test_config_check_rejects(kw, cfg, key):
     with pytest.raises(UserError) as e:
-        check(None, DualParalConfig(**kw))
-    assert e.value.key == key
+        check(cfg, DualParalConfig(**kw))
+    assert e.value.key == key and "\n" not in e.value.line()
 
 
-def test_check_block_must_divide_frames_and_world_le_layers():
-    with pytest.raises(UserError) as e:
-        check(None, DualParalConfig(block_frames=3), latent_frames=8)
-    assert e.value.key == "technique.block_frames"
-    with pytest.raises(UserError) as e:
-        check(None, DualParalConfig(), layers=2, world=4)
-    assert e.value.key == "parallelism.world_size"
+def test_config_check_accepts():
+    check(_cfg(world=4, layers=4), DualParalConfig())
+    check(_cfg(world=2, sampler="full"), DualParalConfig(mode="ulysses"))
+    check(_cfg(mode="plan", world=1), DualParalConfig())
+
+
+def _cli(*args, timeout=300):
+    import os
+
+    e = dict(os.environ, EFFRUN_OUTPUT_ROOT="/nonexistent-effrun-out", EFFRUN_STRICT_PLUGINS="1")
+    return subprocess.run([sys.executable, "-m", "effrun.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=e)
 
 
 @pytest.mark.parametrize("args,key", [
-    (["--world", "8", "--layers", "4"], "parallelism.world_size"),
-    (["--block-frames", "3", "--lengths", "8"], "block_frames"),
-    (["--block-frames", "2", "--context-frames", "3"], "context_frames"),
+    (["+technique=dualparal", "model.layers=2", "parallelism=ddp4"], "parallelism.world_size"),
+    (["+technique=dualparal", "parallelism.world_size=5", "parallelism.launcher=spawn"], "parallelism.world_size"),
+    (["+technique=dualparal", "data.block_frames=3"], "data.block_frames"),
+    (["data.block_frames=2", "data.context_frames=3"], "data.context_frames"),
+    (["+technique=dualparal", "data.sampler=full"], "data.sampler"),
+    (["parallelism=ddp2"], "parallelism"),
 ])
-def test_bench_bad_input_exits_2_with_one_line(args, key):
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_dualparal.py"), *args],
-                       capture_output=True, text=True, timeout=120)
+def test_cli_bad_input_exits_2_with_one_line(args, key):
+    p = _cli("infer", "model=vdit-tiny", "data=video-tiny", "logger=quiet", *args)
     assert p.returncode == 2, p.stderr[-2000:]
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], p.stderr
-    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), p.stderr
+    assert not Path("/nonexistent-effrun-out").exists()  # refused before any run directory was made
+
+
+def test_plan_through_the_cli_equals_the_cost_model(tmp_path):
+    """`effrun plan` reads configs/hardware/rtx4090.yaml and configs/model/wan2.1-1.3b.yaml and writes
+    exactly costmodel.project's numbers under projected/k<K>/."""
+    import json
+    import os
+
+    from effrun.families.video_diffusion.config import VideoSamplingConfig
+    from effrun.techniques.dualparal.costmodel import Hardware, project
+
+    e = dict(os.environ, EFFRUN_OUTPUT_ROOT=str(tmp_path), EFFRUN_STRICT_PLUGINS="1")
+    p = subprocess.run([sys.executable, "-m", "effrun.cli", "plan", "+technique=dualparal", "hardware=rtx4090",
+                        "technique.project_frames=129", "technique.project_steps=3",
+                        "technique.project_context_frames=[4,1]", "logger=quiet"],
+                       capture_output=True, text=True, timeout=300, env=e)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (f,) = tmp_path.rglob("summary.json")
+    s = json.loads(f.read_text())
+    hw = Hardware("rtx4090", 165.2e12, 24.0, 32e9, 10e-6)  # the YAML's bf16 peak, memory, PCIe 4.0 p2p link
+    for k in (4, 1):
+        want = project(preset("wan2.1-1.3b"), VideoSamplingConfig(latent_frames=32, block_frames=8, context_frames=k,
+                                                                 steps=3, height=60, width=104), 8, hw, 0.45)
+        for key, v in want.items():
+            assert s[f"projected/k{k}/" + key[len("projected/"):]] == pytest.approx(v), key
+    assert s["projected/k1/pixel_frames"] == 129 and s["projected/k4/pixel_frames"] == 141
+    assert not any(k.startswith("measured/") for k in s)
+
+
+def test_model_yamls_equal_the_presets():
+    from omegaconf import OmegaConf
+
+    from effrun.config.paths import config_dir
+    from effrun.families.video_diffusion.config import model_config
+
+    for name in ("vdit-tiny", "vdit-small", "wan2.1-1.3b"):
+        node = OmegaConf.load(config_dir() / "model" / f"{name}.yaml")
+        node.pop("defaults")
+        node.pop("description")
+        assert model_config(node) == preset(name), name

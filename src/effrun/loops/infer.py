@@ -24,11 +24,14 @@ def _session(ctx):
     if runner is not None:
         return runner, None
     fam = ctx.family
-    model = fam.build_model()
-    for t in ctx.techniques:
-        model = t.transform_model(model)
-    model.eval()
-    session = fam.infer_session(model, _one(ctx, "decoding"), _one(ctx, "pipeline_executor"))
+    executor = _one(ctx, "pipeline_executor")
+    model = None
+    if fam.needs_model(executor):  # a pipeline rank may hold only its part of the model
+        model = fam.build_model()
+        for t in ctx.techniques:
+            model = t.transform_model(model)
+        model.eval()
+    session = fam.infer_session(model, _one(ctx, "decoding"), executor)
     for t in ctx.techniques:  # hooks go in (and profiling passes run) before the first round
         t.on_infer_start(model, session)
     return session, model

@@ -6,7 +6,7 @@ import torch
 from effrun.families.video_diffusion.config import VideoSamplingConfig, preset
 from effrun.families.video_diffusion.dit import VideoDiT, text_embeddings
 from effrun.families.video_diffusion.sampler import BlockQueueSampler, SerialExecutor, sample_blockwise
-from effrun.techniques.dualparal.cache import RecordingCache
+from effrun.families.video_diffusion.cache import RecordingCache
 
 
 def test_matches_diffusers_wan_transformer():

@@ -9,7 +9,7 @@ from effrun.families.video_diffusion.dit import VideoDiT, text_embeddings
 from effrun.families.video_diffusion.sampler import (BlockQueueSampler, SerialExecutor, sample_blockwise,
                                                      sample_full, schedule)
 from effrun.families.video_diffusion.scheduler import FlowMatchEuler
-from effrun.techniques.dualparal.cache import FeatureCache
+from effrun.families.video_diffusion.cache import FeatureCache
 
 
 @pytest.mark.parametrize("T,B", [(3, 5), (5, 2), (4, 4), (1, 3), (6, 1)])

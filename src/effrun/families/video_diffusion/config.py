@@ -14,10 +14,19 @@ from typing import List, Optional
 from effrun.errors import UserError
 
 
+SOURCES = ("random", "shape")
+NOISE = ("coordinated", "gaussian")
+SAMPLERS = ("blockwise", "full")
+
+
 @dataclass
 class VideoDiTConfig:
+    """model.* of the video-diffusion family (the DiT shape). source: random (random weights, runnable)
+    | shape (cost models and plan mode only, never instantiated here)."""
     name: str = "vdit-tiny"
+    description: str = ""
     family: str = "video-diffusion"
+    source: str = "random"
     in_channels: int = 4
     out_channels: int = 4
     dim: int = 64
@@ -42,10 +51,10 @@ PRESETS = {
     "vdit-tiny": VideoDiTConfig(),
     "vdit-small": VideoDiTConfig(name="vdit-small", dim=128, ffn_dim=384, heads=4, layers=8, text_dim=64,
                                  text_len=16, freq_dim=64),
-    "wan2.1-1.3b": VideoDiTConfig(name="wan2.1-1.3b", in_channels=16, out_channels=16, dim=1536, ffn_dim=8960,
-                                  heads=12, layers=30, text_dim=4096, text_len=512, freq_dim=256),
-    "wan2.1-14b": VideoDiTConfig(name="wan2.1-14b", in_channels=16, out_channels=16, dim=5120, ffn_dim=13824,
-                                 heads=40, layers=40, text_dim=4096, text_len=512, freq_dim=256),
+    "wan2.1-1.3b": VideoDiTConfig(name="wan2.1-1.3b", source="shape", in_channels=16, out_channels=16, dim=1536,
+                                  ffn_dim=8960, heads=12, layers=30, text_dim=4096, text_len=512, freq_dim=256),
+    "wan2.1-14b": VideoDiTConfig(name="wan2.1-14b", source="shape", in_channels=16, out_channels=16, dim=5120,
+                                 ffn_dim=13824, heads=40, layers=40, text_dim=4096, text_len=512, freq_dim=256),
 }
 
 
@@ -57,12 +66,26 @@ def preset(name: str, **overrides) -> VideoDiTConfig:
 
 @dataclass
 class VideoSamplingConfig:
-    """One text-to-video sampling job in latent space (no VAE: latents in, latents out).
+    """data.* of the video-diffusion family: one text-to-video sampling job in latent space (no VAE:
+    latents in, latents out; random "prompt" embeddings stand in for umT5).
 
     latent_frames counts like DualParal's `latents_num` (a multiple of block_frames); the block-wise
-    sampler's first block carries context_frames extra latents, so a block-wise video has
-    latent_frames + context_frames latents. Pixel frames = 4 * (latents - 1) + 1 (Wan's VAE).
+    sampler's first block carries context_frames extra latents, so a video has latent_frames +
+    context_frames latents (the whole-video sampler makes the same number). Pixel frames =
+    4 * (latents - 1) + 1 (Wan's VAE).
+    sampler: blockwise (DualParal's queue of frame blocks; serial in one process, or over ranks with
+    `+technique=dualparal`) | full (the standard sampler on the whole video; Ulysses with
+    `+technique=dualparal technique.mode=ulysses`). noise: coordinated (one permuted pool) | gaussian
+    (independent per block). feature_cache: reuse the next block's context-frame K/V (block-wise).
+    save_latents: rank 0 writes the final latents to <run dir>/latents.pt.
     """
+    name: str = "video-tiny"
+    description: str = ""
+    family: str = "video-diffusion"
+    sampler: str = "blockwise"
+    noise: str = "coordinated"
+    feature_cache: bool = True
+    save_latents: bool = False
     latent_frames: int = 8
     height: int = 8  # latent height (pixels / 8 with Wan's VAE)
     width: int = 8
@@ -88,6 +111,10 @@ WAN_480P = dict(height=60, width=104)  # 480 x 832 pixels / 8
 
 def check_sampling(s: VideoSamplingConfig, model: Optional[VideoDiTConfig] = None, prefix: str = "data") -> None:
     """One-line UserErrors for shapes the block-wise sampler cannot run."""
+    if getattr(s, "sampler", "blockwise") not in SAMPLERS:
+        raise UserError(f"unknown sampler {s.sampler!r}", key=f"{prefix}.sampler", choices=SAMPLERS)
+    if getattr(s, "noise", "coordinated") not in NOISE:
+        raise UserError(f"unknown noise {s.noise!r}", key=f"{prefix}.noise", choices=NOISE)
     if s.steps < 1:
         raise UserError(f"steps={s.steps} must be >= 1", key=f"{prefix}.steps")
     if s.block_frames < 1:
@@ -100,6 +127,8 @@ def check_sampling(s: VideoSamplingConfig, model: Optional[VideoDiTConfig] = Non
                         f"[0, block_frames={s.block_frames}])", key=f"{prefix}.context_frames")
     if s.guidance_scale < 1.0:
         raise UserError(f"guidance_scale={s.guidance_scale} must be >= 1.0", key=f"{prefix}.guidance_scale")
+    if s.height < 1 or s.width < 1:
+        raise UserError(f"latent {s.height}x{s.width} must be at least 1x1", key=f"{prefix}.height")
     if model is not None:
         pt, ph, pw = model.patch
         if s.height % ph or s.width % pw:
@@ -111,6 +140,28 @@ def check_sampling(s: VideoSamplingConfig, model: Optional[VideoDiTConfig] = Non
         if s.video_latents > model.rope_max:
             raise UserError(f"{s.video_latents} latent frames exceed rope_max={model.rope_max}",
                             key=f"{prefix}.latent_frames")
+
+
+def _typed(cls, node):
+    """A dataclass instance from a config node (typed or untyped DictConfig, dict, or the dataclass):
+    spawned ranks rebuild the config from a plain container, so the node's type cannot be relied on."""
+    if isinstance(node, cls):
+        return node
+    from dataclasses import fields
+
+    from omegaconf import DictConfig, OmegaConf
+
+    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def model_config(node) -> VideoDiTConfig:
+    return _typed(VideoDiTConfig, node)
+
+
+def sampling_config(node) -> VideoSamplingConfig:
+    return _typed(VideoSamplingConfig, node)
 
 
 def divisors(n: int) -> List[int]:

@@ -11,11 +11,16 @@ finished) followed by its own P latents; its self-attention additionally sees th
 own frames of the block processed just before it in the same iteration (the next, noisier block)
 when an executor passes a feature cache. Only the block's own frames of the prediction are used.
 
-Executors run the DiT forward of the queued blocks: `SerialExecutor` here (one process), the
-DualParal ring and the sequence-parallel baseline in `effrun.techniques.dualparal`. Contract: an
-executor calls `sampler.input(item)` when it starts an item and `sampler.apply(item, v)` with its
-velocity; `input(item)` requires every earlier item of the blocks it reads to be applied
-(`sampler.reads(item)`), which a pipelined executor ensures by draining its results in order.
+Executors run the DiT forward (the family's infer session drives them one round at a time):
+- block-wise (`kind = "blockwise"`): `run_iteration(sampler, it)` -> frames finished, `finish(sampler)`
+  -> frames finished while draining (`needs_drain`: the session adds a drain round), `params()`.
+  An executor calls `sampler.input(item)` when it starts an item and `sampler.apply(item, v)` with
+  its velocity; `input(item)` requires every earlier item of the blocks it reads to be applied
+  (`sampler.reads(item)`), which a pipelined executor ensures by draining its results in order.
+  `SerialExecutor` here (one process); the DualParal ring in `effrun.techniques.dualparal`.
+- whole video (`kind = "full"`): `start(noise)`, `run_step(i)` -> frames finished (all of them on
+  rank 0 after the last step), `latents()` (rank 0), `params()`. `SerialFullExecutor` here; the
+  Ulysses sequence-parallel executor in `effrun.techniques.dualparal`.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from effrun.families.video_diffusion.config import VideoSamplingConfig
-from effrun.families.video_diffusion.dit import VideoDiT
+from effrun.families.video_diffusion.dit import VideoDiT, param_count
+from effrun.families.video_diffusion.noise import gaussian_noise
 from effrun.families.video_diffusion.scheduler import FlowMatchEuler
 
 
@@ -68,14 +74,6 @@ def schedule(s: VideoSamplingConfig) -> List[Iteration]:
             done[b] += 1
         out.append(it)
     return out
-
-
-def gaussian_noise(s: VideoSamplingConfig, channels: int) -> Callable[[int, int], torch.Tensor]:
-    """Independent N(0, 1) noise per block (the non-coordinated default): noise(block, frames)."""
-    def noise(block: int, frames: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(1_000_033 * (s.seed + 1) + block)
-        return torch.randn(1, channels, frames, s.height, s.width, generator=g)
-    return noise
 
 
 class BlockQueueSampler:
@@ -199,9 +197,14 @@ def forward_block(model: VideoDiT, item: WorkItem, z_in: torch.Tensor, t: torch.
 
 class SerialExecutor:
     """Every item of an iteration through the whole DiT in one process, newest block first."""
+    kind = "blockwise"
+    needs_drain = False
 
     def __init__(self, model: VideoDiT, s: VideoSamplingConfig, ctx: torch.Tensor, cache=None):
         self.model, self.s, self.ctx, self.cache = model, s, ctx, cache
+
+    def params(self) -> int:
+        return param_count(self.model)
 
     def run_iteration(self, sampler: BlockQueueSampler, it: Iteration) -> int:
         if self.cache is not None:
@@ -229,21 +232,56 @@ def sample_blockwise(executor, sampler: BlockQueueSampler, on_iteration=None) ->
     return sampler
 
 
+def full_step(model: VideoDiT, s: VideoSamplingConfig, sched: FlowMatchEuler, z: torch.Tensor, i: int,
+              ctx: torch.Tensor, rope, grid, attention=None) -> torch.Tensor:
+    """One denoising step of the standard sampler on latents z (all frames at one noise level);
+    `attention` replaces the local self-attention (sequence parallelism: z is then this rank's frames
+    and rope their global positions)."""
+    cfg = s.guidance_scale > 1.0
+    x = model.patchify(cfg_batch(z, cfg))
+    temb, mod = model.time_condition(sched.timestep(i).reshape(1).expand(x.shape[0]).to(x.dtype))
+    x = model.run_layers(x, ctx, mod, rope, attention=attention)
+    v = cfg_combine(model.head(x, temb, grid), s.guidance_scale, cfg)
+    return sched.step(v, i, z)
+
+
 @torch.no_grad()
 def sample_full(model: VideoDiT, s: VideoSamplingConfig, noise: torch.Tensor, ctx: torch.Tensor,
                 on_step=None) -> torch.Tensor:
     """Standard sampler: all latent frames at one noise level, T forwards of the whole video."""
     sched = FlowMatchEuler(s.steps, s.shift, s.num_train_timesteps)
-    cfg = s.guidance_scale > 1.0
     z = noise
     grid = model.grid(*z.shape[2:])
     rope = model.rope(*grid)
     for i in range(s.steps):
-        x = model.patchify(cfg_batch(z, cfg))
-        temb, mod = model.time_condition(sched.timestep(i).reshape(1).expand(x.shape[0]).to(x.dtype))
-        x = model.run_layers(x, ctx, mod, rope)
-        v = cfg_combine(model.head(x, temb, grid), s.guidance_scale, cfg)
-        z = sched.step(v, i, z)
+        z = full_step(model, s, sched, z, i, ctx, rope, grid)
         if on_step is not None:
             on_step(i)
     return z
+
+
+class SerialFullExecutor:
+    """The standard sampler in one process, one denoising step per call."""
+    kind = "full"
+
+    def __init__(self, model: VideoDiT, s: VideoSamplingConfig, ctx: torch.Tensor):
+        self.model, self.s, self.ctx = model, s, ctx
+        self.sched = FlowMatchEuler(s.steps, s.shift, s.num_train_timesteps)
+        self.z = None
+
+    def params(self) -> int:
+        return param_count(self.model)
+
+    def start(self, noise: torch.Tensor) -> None:
+        p = next(self.model.parameters())
+        self.z = noise.to(p.device, p.dtype)
+        self.grid = self.model.grid(*self.z.shape[2:])
+        self.rope = self.model.rope(*self.grid)
+
+    @torch.no_grad()
+    def run_step(self, i: int) -> int:
+        self.z = full_step(self.model, self.s, self.sched, self.z, i, self.ctx, self.rope, self.grid)
+        return self.z.shape[2] if i == self.s.steps - 1 else 0
+
+    def latents(self) -> torch.Tensor:
+        return self.z

@@ -1,65 +1,105 @@
 """DualParal: block-wise video diffusion over a pipeline of processes (AAAI'26, arXiv 2505.21070).
 
-Frame blocks at staggered noise levels flow newest-first through DiT layers split contiguously over
-N ranks (asynchronous point-to-point sends, the last rank returns the velocity to rank 0); a per-rank
-feature cache reuses the self-attention K/V of the neighbouring block's context frames; coordinated
-noise permutes one seeded pool per block. Baselines in the same harness: serial whole-video
-sampling, the block-wise schedule in one process, Ulysses sequence parallelism over the same ranks.
-A cost model projects Wan2.1-1.3B on 8x RTX 4090 (PCIe 4.0) at 1,025 frames.
+`effrun infer +technique=dualparal model=vdit-small data=video-small parallelism=ddp2` samples the
+video-diffusion family's block-wise schedule (data.*: frames, block/context frames, noise, feature
+cache) with the DiT's layers split contiguously over the ranks: frame blocks at staggered noise
+levels flow newest-first through the ring with asynchronous point-to-point sends, the last rank
+returns the velocity to rank 0; each rank's feature cache reuses the self-attention K/V of the
+neighbouring block's context frames. `technique.mode=ulysses` (with `data.sampler=full`) runs the
+sequence-parallel baseline over the same ranks instead. The supplied seam is `pipeline_executor`:
+the family's infer session (the one infer loop) drives either executor one round at a time.
 
-Only the config and its pre-flight check live here (cheap to import); the technique class and its
-entry point are written at integration (see docs/techniques/dualparal.md).
+`effrun plan +technique=dualparal model=wan2.1-1.3b hardware=rtx4090` projects Wan2.1-T2V-1.3B on
+8x RTX 4090 (PCIe 4.0) at 1,025 frames: DualParal vs Ulysses vs one GPU (`projected/` keys).
+
+This module stays import-light (no torch): it is read when configs are composed.
 """
 from dataclasses import dataclass, field
 from typing import List
 
 from effrun.errors import UserError
 
-BASELINES = ("serial_full", "serial_block", "ulysses")
-NOISE = ("coordinated", "gaussian")
+MODES = ("dualparal", "ulysses")
+SAMPLER_OF = {"dualparal": "blockwise", "ulysses": "full"}
 
 
 @dataclass
 class DualParalConfig:
     name: str = "dualparal"
-    block_frames: int = 2  # P latent frames per block (paper code: num_per_block)
-    context_frames: int = 1  # K latent frames of context on each side (num_cat); 0 <= K <= P
-    noise: str = "coordinated"  # coordinated | gaussian (independent noise per block)
-    cache: bool = True  # feature cache (False: blocks see only the prepended context frames)
-    baselines: List[str] = field(default_factory=lambda: ["serial_block"])  # run side by side
-    # projection (plan mode and summary): Wan2.1-1.3B on 8x RTX 4090 at 1,025 frames
-    project: bool = True
-    project_model: str = "wan2.1-1.3b"
-    project_hardware: str = "rtx-4090"
+    # dualparal: the block-wise schedule over a ring of ranks (data.sampler=blockwise);
+    # ulysses: the whole-video sampler with Ulysses sequence parallelism (data.sampler=full)
+    mode: str = "dualparal"
+    # plan: the projection (Wan2.1-T2V-1.3B on 8x RTX 4090 at 1,025 frames by default)
+    project_model: str = "wan2.1-1.3b"  # used when model.* is not a video-diffusion model
+    project_hardware: str = "rtx4090"  # configs/hardware/<name>.yaml, used when hardware.kind is not cuda
     project_gpus: int = 8
     project_frames: int = 1025  # pixel frames; latents = (frames - 1) / 4 + 1
-    project_block_frames: int = 8  # README quick-start settings of the paper's code
-    project_context_frames: int = 8
+    project_height: int = 60  # latent 60 x 104 = 480 x 832 pixels / 8 (Wan's VAE)
+    project_width: int = 104
+    project_block_frames: int = 8  # P (the paper code's README quick-start: num_per_block 8)
+    project_context_frames: List[int] = field(default_factory=lambda: [8, 4, 1])  # K values, one row each
     project_steps: int = 50
+    project_guidance_scale: float = 5.0
     project_mfu: float = 0.45
+    project_dtype: str = "bfloat16"
 
 
-def check(cfg, node, layers: int = 0, world: int = 1, latent_frames: int = 0) -> None:
+def check(cfg, node) -> None:
     """One-line errors before any work (no torch import)."""
-    if node.noise not in NOISE:
-        raise UserError(f"unknown noise {node.noise!r}", key="technique.noise", choices=NOISE)
-    for b in node.baselines:
-        if b not in BASELINES:
-            raise UserError(f"unknown baseline {b!r}", key="technique.baselines", choices=BASELINES)
-    if node.block_frames < 1:
-        raise UserError(f"block_frames={node.block_frames} must be >= 1", key="technique.block_frames")
-    if not 0 <= node.context_frames <= node.block_frames:
-        raise UserError(f"context_frames={node.context_frames} is larger than a block (must be in "
-                        f"[0, block_frames={node.block_frames}])", key="technique.context_frames")
-    if latent_frames and latent_frames % node.block_frames:
-        raise UserError(f"block_frames={node.block_frames} does not divide latent_frames={latent_frames} "
-                        f"(valid: {[d for d in range(1, latent_frames + 1) if latent_frames % d == 0]})",
-                        key="technique.block_frames")
-    if layers and world > layers:
-        raise UserError(f"{world} processes but the DiT has only {layers} layers (each rank needs >= 1)",
-                        key="parallelism.world_size", choices=list(range(1, layers + 1)))
+    if node.mode not in MODES:
+        raise UserError(f"unknown mode {node.mode!r}", key="technique.mode", choices=MODES)
+    if cfg.mode == "infer" and cfg.model.get("family") == "video-diffusion":
+        want = SAMPLER_OF[node.mode]
+        if cfg.data.sampler != want:
+            raise UserError(f"technique.mode={node.mode} runs the {want} sampler, data.sampler is "
+                            f"{cfg.data.sampler!r}", key="data.sampler", choices=[want])
+        world, m = int(cfg.parallelism.world_size), cfg.model
+        if node.mode == "dualparal" and world > int(m.layers):
+            raise UserError(f"{world} processes but the DiT has only {m.layers} layers (each rank needs >= 1)",
+                            key="parallelism.world_size", choices=list(range(1, int(m.layers) + 1)))
+        if node.mode == "ulysses":
+            if int(m.heads) % world:
+                raise UserError(f"Ulysses needs heads ({m.heads}) divisible by the process count ({world})",
+                                key="parallelism.world_size",
+                                choices=[d for d in range(1, int(m.heads) + 1) if int(m.heads) % d == 0])
+            frames = (int(cfg.data.latent_frames) + int(cfg.data.context_frames)) // int(m.patch[0])
+            if world > frames:
+                raise UserError(f"{world} processes but only {frames} latent frames to split",
+                                key="parallelism.world_size", choices=list(range(1, frames + 1)))
+    for key in ("project_gpus", "project_steps", "project_block_frames", "project_height", "project_width"):
+        if int(getattr(node, key)) < 1:
+            raise UserError(f"{key}={getattr(node, key)} must be >= 1", key=f"technique.{key}")
     if not 0 < node.project_mfu <= 1:
         raise UserError(f"project_mfu={node.project_mfu} must be in (0, 1]", key="technique.project_mfu")
     if node.project_frames < 1 or (node.project_frames - 1) % 4:
         raise UserError(f"project_frames={node.project_frames} must be 4k + 1 (Wan's VAE)",
                         key="technique.project_frames")
+    ks = list(node.project_context_frames)
+    if not ks or any(not 0 <= int(k) <= node.project_block_frames for k in ks):
+        raise UserError(f"project_context_frames={ks} must be a non-empty list of K in [0, project_block_frames="
+                        f"{node.project_block_frames}]", key="technique.project_context_frames")
+    if node.project_dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"unknown dtype {node.project_dtype!r}", key="technique.project_dtype",
+                        choices=["bfloat16", "float16", "float32"])
+    if node.project_guidance_scale < 1.0:
+        raise UserError(f"project_guidance_scale={node.project_guidance_scale} must be >= 1.0",
+                        key="technique.project_guidance_scale")
+
+
+def _spec():
+    from effrun.technique import TechniqueSpec
+
+    return TechniqueSpec(
+        name="dualparal", config=DualParalConfig, plugin="effrun.techniques.dualparal.plugin:DualParal",
+        modes=("infer", "plan"), families=("video-diffusion",), check=check,
+        seams={"infer": ("pipeline_executor",)},
+        smoke_overrides={"infer": ("model=vdit-tiny", "data=video-tiny", "parallelism=ddp2"),
+                         "plan": ("model=wan2.1-1.3b", "hardware=rtx4090", "technique.project_steps=4",
+                                  "technique.project_frames=129", "technique.project_context_frames=[1]")},
+        metrics={"infer": ("info/executor", "?measured/dualparal/*", "?measured/ulysses/*"),
+                 "plan": ("projected/*", "info/projection", "info/paper")},
+        description="DualParal: block-wise video diffusion over a ring of ranks (layer split, feature cache, "
+                    "coordinated noise) or the Ulysses baseline; Wan2.1-1.3B / 8x RTX 4090 projection")
+
+
+spec = _spec()

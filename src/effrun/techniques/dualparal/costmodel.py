@@ -15,7 +15,8 @@ the point-to-point link (PCIe 4.0 x16 on RTX 4090 boxes: no NVLink, 32 GB/s per 
 Memory per GPU: weights + the largest forward working set + caches/buffers + latents (bf16
 activations, fp32 latents). Text encoder (umT5-XXL) and VAE are left out on every side: DualParal's
 code frees the text encoder after encoding and decodes with the VAE after sampling.
-Every number here is `projected/`, for the named model and hardware.
+Every number here is `projected/`, for the named model and hardware (`Hardware` is built from a
+hardware config, e.g. configs/hardware/rtx4090.yaml, by the plugin's `hardware_model`).
 """
 from __future__ import annotations
 
@@ -35,13 +36,6 @@ class Hardware:
     memory_gb: float
     link_Bps: float  # point-to-point bandwidth per direction between two GPUs
     link_latency_s: float = 10e-6
-
-
-HARDWARE = {
-    # RTX 4090: 165 TFLOPS fp16 tensor with fp32 accumulate, 24 GB, PCIe 4.0 x16 ~32 GB/s per direction
-    "rtx-4090": Hardware("rtx-4090", 165e12, 24.0, 32e9),
-    "h100-sxm": Hardware("h100-sxm", 989e12, 80.0, 450e9),
-}
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------
@@ -200,18 +194,21 @@ def sequence_parallel(c: VideoDiTConfig, s: VideoSamplingConfig, world: int, hw:
             "weights_gb": params * weight_bytes / 1e9, "activations_gb": work / 1e9}
 
 
-def single_gpu(c: VideoDiTConfig, s: VideoSamplingConfig, hw: Hardware, mfu: float) -> Dict[str, float]:
-    r = sequence_parallel(c, s, 1, hw, mfu)
+def single_gpu(c: VideoDiTConfig, s: VideoSamplingConfig, hw: Hardware, mfu: float,
+               act_bytes: int = 2) -> Dict[str, float]:
+    r = sequence_parallel(c, s, 1, hw, mfu, act_bytes, act_bytes)
     r["fits"] = r["memory_gb"] <= hw.memory_gb
     return r
 
 
-def project(c: VideoDiTConfig, s: VideoSamplingConfig, world: int, hw: Hardware, mfu: float) -> Dict[str, float]:
-    """`projected/...` keys for one model, hardware, GPU count and video length."""
-    dp = simulate_dualparal(c, s, world, hw, mfu)
-    mem = [dualparal_memory_gb(c, s, world, r)["total"] for r in range(world)]
-    sp = sequence_parallel(c, s, world, hw, mfu)
-    one = single_gpu(c, s, hw, mfu)
+def project(c: VideoDiTConfig, s: VideoSamplingConfig, world: int, hw: Hardware, mfu: float,
+            act_bytes: int = 2) -> Dict[str, float]:
+    """`projected/...` keys for one model, hardware, GPU count and video length (activations and
+    weights of `act_bytes` bytes: 2 for bf16/fp16)."""
+    dp = simulate_dualparal(c, s, world, hw, mfu, act_bytes=act_bytes)
+    mem = [dualparal_memory_gb(c, s, world, r, act_bytes, act_bytes)["total"] for r in range(world)]
+    sp = sequence_parallel(c, s, world, hw, mfu, act_bytes, act_bytes)
+    one = single_gpu(c, s, hw, mfu, act_bytes)
     frames = 4 * (s.video_latents - 1) + 1
     return {
         "projected/pixel_frames": frames,

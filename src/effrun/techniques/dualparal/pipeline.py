@@ -23,11 +23,11 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from effrun.families.video_diffusion.cache import FeatureCache
 from effrun.families.video_diffusion.config import VideoDiTConfig, VideoSamplingConfig
 from effrun.families.video_diffusion.dit import VideoDiT, param_count
 from effrun.families.video_diffusion.sampler import (BlockQueueSampler, Iteration, WorkItem, block_geometry,
                                                      embed_block, head_block)
-from effrun.techniques.dualparal.cache import FeatureCache
 from effrun.techniques.dualparal.partition import split_layers
 
 
@@ -46,6 +46,9 @@ class CommStats:
 
 
 class DualParalExecutor:
+    """The video-diffusion family's block-wise executor over N ranks (the `pipeline_executor` seam)."""
+    kind = "blockwise"
+
     def __init__(self, c: VideoDiTConfig, s: VideoSamplingConfig, rank: int, world: int,
                  text: Optional[torch.Tensor] = None, device="cpu", dtype=torch.float32, cache: bool = True):
         self.c, self.s, self.rank, self.world = c, s, rank, world
@@ -67,6 +70,9 @@ class DualParalExecutor:
         self.sends = deque()  # (request, tensor) until complete
         self.max_inflight = 2  # sends not yet waited for (backpressure; the receiver keeps one posted ahead)
         self.prefetch = None  # ranks > 0: (k, request, buffer) of the next item
+        self.iterations = 0
+        # results still in flight after the last iteration: the session runs a final drain round
+        self.needs_drain = world > 1
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _broadcast_context(self, text):
@@ -81,6 +87,14 @@ class DualParalExecutor:
 
     def params(self) -> int:
         return param_count(self.model)
+
+    def report(self) -> dict:
+        """This rank's numbers (the technique gathers them from every rank)."""
+        out = {"params": self.params(), "layers": [self.layers.start, self.layers.stop],
+               "iterations": self.iterations, "items": self.k, **self.stats.as_dict()}
+        if self.cache is not None:
+            out.update({f"cache_{k}": v for k, v in self.cache.stats().items()})
+        return out
 
     # ---- messages ----------------------------------------------------------------------------------
     def _tokens(self, item: WorkItem) -> int:
@@ -177,6 +191,7 @@ class DualParalExecutor:
                     self.stats.compute_s += time.perf_counter() - t0
                     self._isend(torch.cat((x, msg[:, n:]), dim=1), self.rank + 1)
             self.k += 1
+        self.iterations += 1
         return frames
 
     def _recv_item(self) -> torch.Tensor:

@@ -5,7 +5,8 @@ The standard sampler runs on the whole video (all frames at one noise level); in
 self-attention, an all-to-all turns [local tokens, all heads] into [all tokens, H/N heads], each rank
 attends over the full sequence for its heads, and a second all-to-all returns [local tokens, all
 heads]. Cross-attention, FFN, head and the Euler step are local. RoPE uses global frame positions.
-Uneven frame splits are handled with all_to_all_single split sizes.
+Uneven frame splits are handled with all_to_all_single split sizes. `UlyssesExecutor` is the
+video-diffusion family's whole-video executor (`technique.mode=ulysses`): one step per infer round.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from effrun.errors import UserError
 from effrun.families.video_diffusion.config import VideoDiTConfig, VideoSamplingConfig
 from effrun.families.video_diffusion.dit import VideoDiT, param_count
-from effrun.families.video_diffusion.sampler import cfg_batch, cfg_combine
+from effrun.families.video_diffusion.sampler import full_step
 from effrun.families.video_diffusion.scheduler import FlowMatchEuler
 
 
@@ -77,44 +78,68 @@ class UlyssesAttention:
         return self.gather_heads(o.permute(2, 0, 1, 3), ll)
 
 
-@torch.no_grad()
-def sample_ulysses(c: VideoDiTConfig, s: VideoSamplingConfig, rank: int, world: int, noise: torch.Tensor,
-                   text: torch.Tensor, device="cpu", dtype=torch.float32, frames: int = 0, gather: bool = True,
-                   model: VideoDiT = None):
-    """Whole-video sampling with Ulysses attention. noise [1, C, F, H, W] (same on all ranks).
-    Returns (latents on rank 0 or None, stats)."""
-    frames = frames or noise.shape[2]
-    model = model if model is not None else VideoDiT(c).to(device, dtype).eval()
-    pt = c.patch[0]
-    parts = frame_split(frames // pt, world)
-    mine = parts[rank]
-    hp, wp = s.height // c.patch[1], s.width // c.patch[2]
-    tokens = [len(p) * hp * wp for p in parts]
-    attn = UlyssesAttention(c.heads, world, tokens)
-    sched = FlowMatchEuler(s.steps, s.shift, s.num_train_timesteps)
-    cfg = s.guidance_scale > 1.0
-    z = noise[:, :, mine.start * pt:mine.stop * pt].to(device, dtype).contiguous()
-    ctx = model.text_condition(text.to(device, dtype))
-    grid = (len(mine), hp, wp)
-    rope = model.rope(*grid, offset=mine.start)
-    t0 = time.perf_counter()
-    for i in range(s.steps):
-        x = model.patchify(cfg_batch(z, cfg))
-        temb, mod = model.time_condition(sched.timestep(i).reshape(1).expand(x.shape[0]).to(x.dtype))
-        x = model.run_layers(x, ctx, mod, rope, attention=attn)
-        v = cfg_combine(model.head(x, temb, grid), s.guidance_scale, cfg)
-        z = sched.step(v, i, z)
-    wall = time.perf_counter() - t0
-    stats = {"params": param_count(model), "comm_s": attn.comm_s, "bytes_sent": attn.bytes_sent,
-             "compute_s": wall - attn.comm_s, "frames_local": len(mine) * pt}
-    if not gather:
-        return None, stats
-    sizes = [len(p) * pt for p in parts]
-    full = [torch.empty(1, z.shape[1], n, s.height, s.width, dtype=dtype, device=device) for n in sizes]
-    if rank == 0:
-        full[0] = z
-        for r in range(1, world):
-            dist.recv(full[r], r)
-        return torch.cat(full, dim=2), stats
-    dist.send(z, 0)
-    return None, stats
+class UlyssesExecutor:
+    """The standard whole-video sampler with Ulysses attention, one denoising step per call (the
+    video-diffusion family's `FullSession` drives it one round per step). Every rank holds the whole
+    DiT and its contiguous range of the latent frames; after the last step rank 0 gathers the video."""
+    kind = "full"
+
+    def __init__(self, c: VideoDiTConfig, s: VideoSamplingConfig, rank: int, world: int, text: torch.Tensor,
+                 device="cpu", dtype=torch.float32):
+        self.c, self.s, self.rank, self.world = c, s, rank, world
+        self.device, self.dtype = torch.device(device), dtype
+        self.pt = c.patch[0]
+        self.parts = frame_split(s.video_latents // self.pt, world)
+        self.mine = self.parts[rank]
+        hp, wp = s.height // c.patch[1], s.width // c.patch[2]
+        self.attn = UlyssesAttention(c.heads, world, [len(p) * hp * wp for p in self.parts])
+        self.model = VideoDiT(c).to(self.device, dtype).eval()
+        self.sched = FlowMatchEuler(s.steps, s.shift, s.num_train_timesteps)
+        with torch.no_grad():  # every rank projects the same (seeded) prompt embeddings itself
+            self.ctx = self.model.text_condition(text.to(self.device, dtype))
+        self.grid = (len(self.mine), hp, wp)
+        self.rope = self.model.rope(*self.grid, offset=self.mine.start)
+        self.z = None
+        self.video = None
+        self.steps_run = 0
+        self.compute_s = 0.0
+
+    def params(self) -> int:
+        return param_count(self.model)
+
+    def start(self, noise: torch.Tensor) -> None:
+        """noise: the whole video's initial latents (the same on every rank); keep this rank's frames."""
+        a, b = self.mine.start * self.pt, self.mine.stop * self.pt
+        self.z = noise[:, :, a:b].to(self.device, self.dtype).contiguous()
+
+    @torch.no_grad()
+    def run_step(self, i: int) -> int:
+        t0 = time.perf_counter()
+        comm0 = self.attn.comm_s
+        self.z = full_step(self.model, self.s, self.sched, self.z, i, self.ctx, self.rope, self.grid,
+                           attention=self.attn if self.world > 1 else None)
+        self.compute_s += time.perf_counter() - t0 - (self.attn.comm_s - comm0)
+        self.steps_run += 1
+        if i < self.s.steps - 1:
+            return 0
+        self.video = self._gather()
+        return int(self.video.shape[2]) if self.video is not None else 0
+
+    def _gather(self):
+        sizes = [len(p) * self.pt for p in self.parts]
+        shape = (1, self.z.shape[1])
+        if self.rank == 0:
+            full = [self.z] + [torch.empty(*shape, n, self.s.height, self.s.width, dtype=self.dtype,
+                                           device=self.device) for n in sizes[1:]]
+            for r in range(1, self.world):
+                dist.recv(full[r], r)
+            return torch.cat(full, dim=2)
+        dist.send(self.z.contiguous(), 0)
+        return None
+
+    def latents(self):
+        return self.video
+
+    def report(self) -> dict:
+        return {"bytes_sent": self.attn.bytes_sent, "comm_s": self.attn.comm_s, "compute_s": self.compute_s,
+                "frames_local": len(self.mine) * self.pt, "steps": self.steps_run, "params": self.params()}
