@@ -135,11 +135,17 @@ def length(keys: Keys, n: int, need: int, what: str, sr: Optional[float], short_
            reflect_pad: int) -> None:
     """A clip shorter than `need` samples: an error, unless short_input=zero_pad (constant padding
     zero-extends it, exactly as librosa's default pad_mode='constant' does)."""
-    if n < need and not (short_input == "zero_pad" and pad_mode == "constant"):
-        secs = f" ({n / sr:.3f} s at {sr:g} Hz)" if sr else ""
-        raise UserError(f"a clip of {n} samples{secs} is shorter than {what} ({need} samples); use longer clips "
-                        f"or short_input=zero_pad (zero-extends the clip, as librosa's constant padding)",
-                        key=keys("short_input"), choices=SHORT_INPUT)
     if pad_mode == "reflect" and n <= reflect_pad:
         raise UserError(f"a clip of {n} samples is too short for pad_mode=reflect (needs > {reflect_pad} "
                         f"samples); use pad_mode=constant", key=keys("pad_mode"), choices=PAD_MODES)
+    if n >= need:
+        return
+    secs = f" ({n / sr:.3f} s at {sr:g} Hz)" if sr else ""
+    if short_input != "zero_pad":
+        raise UserError(f"a clip of {n} samples{secs} is shorter than {what} ({need} samples); use longer clips "
+                        f"or short_input=zero_pad (zero-extends the clip, as librosa's constant padding)",
+                        key=keys("short_input"), choices=SHORT_INPUT)
+    if pad_mode != "constant":
+        raise UserError(f"a clip of {n} samples{secs} is shorter than {what} ({need} samples) and "
+                        f"short_input=zero_pad needs pad_mode=constant (got {pad_mode})", key=keys("pad_mode"),
+                        choices=("constant",))

@@ -1,0 +1,94 @@
+"""A small CNN keyword classifier over [B, F, T] features, with any front-end in front of it.
+
+model(x): x is a waveform batch [B, S] when a front-end is given (features computed on the fly,
+on the model's device, in train and infer), or a feature batch [B, F, T] when it is None (the
+precomputed-features baseline). Then: optional log compression (for magnitudes/powers; MFCCs are
+already in dB), per-frequency-row batch norm, three conv blocks, global average pool, linear.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_FLOOR = 1e-10  # power_to_db's amin
+
+
+def feature_rows(front_end: nn.Module) -> int:
+    for name in ("n_mfcc", "n_mels", "n_bins"):
+        if hasattr(front_end, name):
+            return int(getattr(front_end, name))
+    if hasattr(front_end, "n_freq"):
+        return int(front_end.n_freq)
+    raise ValueError(f"cannot tell how many feature rows {type(front_end).__name__} produces; pass n_features")
+
+
+class AudioClassifier(nn.Module):
+    def __init__(self, front_end: Optional[nn.Module], n_classes: int, n_features: int, log_features: bool = True,
+                 channels: Tuple[int, ...] = (16, 32, 64), dropout: float = 0.1):
+        super().__init__()
+        self.front_end = front_end
+        self.log_features = log_features
+        self.norm = nn.BatchNorm1d(n_features)
+        blocks, c_in = [], 1
+        for i, c in enumerate(channels):
+            blocks += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            if i < len(channels) - 1:
+                blocks.append(nn.MaxPool2d(2))
+            c_in = c
+        self.body = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(c_in, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.front_end(x) if self.front_end is not None else x
+        if self.log_features:
+            f = torch.log(f.clamp_min(LOG_FLOOR))
+        return f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.norm(self.features(x))
+        h = self.body(f[:, None])
+        return self.head(self.drop(h.mean(dim=(2, 3))))
+
+
+def build_model(front_end: Optional[nn.Module], n_classes: int, n_features: Optional[int] = None,
+                log_features: bool = True, **kw) -> AudioClassifier:
+    """front_end: a module [B, S] -> [B, F, T] (e.g. effrun.techniques.nnaudio.build_front_end), or
+    None for precomputed features (then n_features is required)."""
+    if n_features is None:
+        if front_end is None:
+            raise ValueError("n_features is required without a front-end")
+        n_features = feature_rows(front_end)
+    return AudioClassifier(front_end, n_classes, n_features, log_features, **kw)
+
+
+def model_input(batch: dict) -> torch.Tensor:
+    return batch["waveform"] if "waveform" in batch else batch["features"]
+
+
+def loss(model: nn.Module, batch: dict) -> Tuple[torch.Tensor, int]:
+    """(sum of per-clip cross-entropies, number of clips) -- the family loss convention."""
+    dev = next(model.parameters()).device
+    logits = model(model_input(batch).to(dev))
+    labels = batch["label"].to(dev)
+    return F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict]) -> dict:
+    """{"eval_loss": mean CE, "eval_accuracy": fraction correct, "eval_clips": n} over the batches."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    tot, correct, n = 0.0, 0, 0
+    for b in batches:
+        logits = model(model_input(b).to(dev))
+        y = b["label"].to(dev)
+        tot += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        n += int(y.numel())
+    model.train(was)
+    return {"eval_loss": tot / max(n, 1), "eval_accuracy": correct / max(n, 1), "eval_clips": n}
