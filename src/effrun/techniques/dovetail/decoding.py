@@ -101,7 +101,7 @@ class TargetSide:
         self.peak_cache_bytes = max(self.peak_cache_bytes, cache_nbytes(cache))
         greedy = self.logits(feats).argmax(-1).tolist()
         path, bonus = greedy_accept(tree, greedy)
-        cache_keep(cache, torch.cat([torch.arange(n), n + torch.tensor(path)]))
+        cache_keep(cache, n, torch.tensor(path))
         tokens = tree.tokens.tolist()
         new = [tokens[i - 1] for i in path[1:]] + [bonus]
         return path, feats[path], new

@@ -29,10 +29,17 @@ def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
     return dec(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def target_next_probs(draft: DraftHead, feats: torch.Tensor) -> torch.Tensor:
+    """The target's next-token distribution at positions 1..T-1 (softmax of its lm_head), [B,T-1,V]."""
+    with torch.no_grad():
+        return F.softmax(draft.logits(feats[:, 1:]).to(torch.promote_types(feats.dtype, torch.float32)), dim=-1)
+
+
 def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor = None,
                reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
-               generator: torch.Generator = None) -> Tuple[torch.Tensor, int]:
-    """(loss_sum, count) of the draft on one batch given the target's features [B,T,H]."""
+               generator: torch.Generator = None, target_probs: torch.Tensor = None) -> Tuple[torch.Tensor, int]:
+    """(loss_sum, count) of the draft on one batch given the target's features [B,T,H].
+    `target_probs`: `target_next_probs(...)` when several drafts share one batch."""
     B, T = input_ids.shape
     if T < 2:
         raise ValueError("EAGLE training needs blocks of at least 2 tokens")
@@ -49,8 +56,7 @@ def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, l
     if reg_weight:
         per = per + reg_weight * F.smooth_l1_loss(pred.to(acc), tgt.to(acc), reduction="none").mean(-1)
     if ce_weight:
-        with torch.no_grad():
-            p_target = F.softmax(draft.logits(tgt).to(acc), dim=-1)
+        p_target = target_next_probs(draft, feats) if target_probs is None else target_probs
         logq = F.log_softmax(draft.logits(pred).to(acc), dim=-1)
         per = per - ce_weight * (p_target * logq).sum(-1)
     count = int(valid.sum())

@@ -112,11 +112,17 @@ def cache_crop(cache, length: int) -> None:
             layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
 
 
-def cache_keep(cache, keep: torch.Tensor) -> None:
-    """Keep only the sequence positions `keep` (a gather along the sequence axis of every layer)."""
+def cache_keep(cache, prefix: int, path: torch.Tensor) -> None:
+    """Keep the first `prefix` entries and then the entries at `prefix + path` (the accepted tree
+    path, ascending): the path's K/V are gathered along the sequence axis, moved right behind the
+    prefix, and the rest is cut off. Only len(path) entries per layer are copied."""
+    n_keep = prefix + int(path.numel())
     for layer in _layers(cache):
-        idx = keep.to(layer.keys.device)
-        layer.keys, layer.values = layer.keys.index_select(-2, idx), layer.values.index_select(-2, idx)
+        idx = (prefix + path).to(layer.keys.device)
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            t[..., prefix:n_keep, :] = t.index_select(-2, idx)  # gathered first, then written: no aliasing
+            setattr(layer, name, t[..., :n_keep, :])
 
 
 def cache_len(cache) -> int:

@@ -1,0 +1,168 @@
+"""Save/load with the target header; bad input is one line naming the key, exit code 2; the seams
+adapter trains and decodes through the library; the benchmark script runs end to end (tiny)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from effrun.errors import UserError
+from effrun.techniques.dovetail import DovetailConfig, check, validate_fields
+from effrun.techniques.dovetail.decoding import DovetailDecoding, GreedyDecoding, generate
+from effrun.techniques.dovetail.draft import DraftHead, load_draft, save_draft, target_header
+from tests.dovetail.conftest import tiny_target
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def one_line(err: UserError, key: str):
+    line = err.line()
+    assert "\n" not in line and line.startswith("error: ") and err.key == key
+    return line
+
+
+def test_save_load_roundtrip(tmp_path, target):
+    d = DraftHead.for_target(target, "dgf", 2, seed=4).double()
+    p = save_draft(d, tmp_path / "d.safetensors", target_header(target), {"note": "x"})
+    back = load_draft(p, target).double()
+    f = torch.randn(1, 5, 64, dtype=torch.float64)
+    t = torch.randint(0, 64, (1, 5))
+    pos = torch.arange(5)[None]
+    torch.testing.assert_close(back(f, t, pos), d(f, t, pos), rtol=1e-6, atol=1e-6)  # saved as fp32
+    assert back.spec == d.spec
+    # the embedding / lm_head are the target's, not copies from the file
+    assert back.embed_weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("what,kwargs,needle", [
+    ("hidden", dict(hidden=32), "hidden size 64, this target has 32"),
+    ("vocab", dict(vocab=80), "vocab 64, this target has 80"),
+    ("weights", dict(seed=9), "weights fingerprint"),
+])
+def test_draft_for_another_target_is_one_line(tmp_path, target, what, kwargs, needle):
+    p = save_draft(DraftHead.for_target(target, "fc", 1), tmp_path / "d.safetensors", target_header(target))
+    other = tiny_target(**kwargs)
+    with pytest.raises(UserError) as e:
+        load_draft(p, other)
+    assert needle in one_line(e.value, "technique.draft_path")
+
+
+def test_missing_or_foreign_checkpoint(tmp_path, target):
+    with pytest.raises(UserError) as e:
+        load_draft(tmp_path / "nope.safetensors", target)
+    one_line(e.value, "technique.draft_path")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError) as e:
+        load_draft(tmp_path / "junk.safetensors", target)
+    one_line(e.value, "technique.draft_path")
+
+
+@pytest.mark.parametrize("field,value,key", [
+    ("total_tokens", 0, "technique.total_tokens"),
+    ("depth", 17, "technique.depth"),          # deeper than a 16-token tree
+    ("depth", 0, "technique.depth"),
+    ("top_k", 0, "technique.top_k"),
+    ("fusion", "gru", "technique.fusion"),
+    ("draft_layers", 0, "technique.draft_layers"),
+    ("draft_device", "tpu", "technique.draft_device"),
+    ("draft_dtype", "int8", "technique.draft_dtype"),
+    ("ce_weight", -1.0, "technique.ce_weight"),
+])
+def test_bad_config_values(field, value, key):
+    node = DovetailConfig(**{field: value})
+    with pytest.raises(UserError) as e:
+        check(None, node)
+    one_line(e.value, key)
+
+
+def test_decoding_rejects_bad_tree_and_mismatch(target):
+    d = DraftHead.for_target(target, "dgf", 1).double()
+    with pytest.raises(UserError) as e:
+        DovetailDecoding(target, d, total_tokens=4, depth=5, top_k=2)
+    assert "larger than the tree" in one_line(e.value, "technique.depth")
+    with pytest.raises(UserError) as e:
+        DovetailDecoding(target, d, total_tokens=0, depth=1, top_k=2)
+    one_line(e.value, "technique.total_tokens")
+    with pytest.raises(UserError) as e:
+        DovetailDecoding(tiny_target(hidden=32), d, 4, 2, 2)
+    one_line(e.value, "technique.draft_path")
+    with pytest.raises(UserError) as e:
+        DovetailDecoding(target, d, 8, 2, 65)
+    one_line(e.value, "technique.top_k")
+
+
+def test_seams_adapter_trains_saves_loads_and_decodes(tmp_path, prompt):
+    from effrun.techniques.dovetail.plugin import Dovetail
+
+    t = tiny_target(dtype=torch.float32)
+    hw = SimpleNamespace(host_link=SimpleNamespace(name="pcie4", bandwidth_GBps=32.0, latency_us=10.0))
+    cfg = DovetailConfig(total_tokens=8, depth=4, top_k=3, draft_device="cpu", draft_dtype="float32")
+    train = Dovetail(cfg, SimpleNamespace(mode="train", run_dir=tmp_path, cfg=SimpleNamespace(hardware=hw)))
+    train.validate()
+    model = train.transform_model(t)
+    params = train.trainable_parameters(model)
+    assert params and all(any(p is q for q in model.draft.parameters()) for p in params)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss, n = train.loss(model, {"input_ids": ids, "labels": torch.cat([ids[:, 1:], ids[:, :1]], 1)})
+    assert n == 2 * 11 and torch.isfinite(loss)
+    path = train.on_train_end(model)
+    assert Path(path) == tmp_path / "dovetail_draft.safetensors"
+
+    cfg.draft_path = path
+    inf = Dovetail(cfg, SimpleNamespace(mode="infer", run_dir=tmp_path, cfg=SimpleNamespace(hardware=hw)))
+    inf.validate()
+    m = inf.transform_model(t)
+    strategy = inf.decoding()
+    first, state = strategy.prefill(m, prompt)
+    out = first[0].tolist()
+    i = 0
+    while len(out) < 20:
+        new, rnd = strategy.step(m, state)
+        inf.after_round(i, rnd, 0.0)
+        out += new[0].tolist()
+        i += 1
+    inf.on_infer_end()
+    ref, _, _, _ = generate(GreedyDecoding(t), t, prompt, 20)
+    assert out[:20] == ref
+    mets = inf.metrics()
+    assert mets["measured/acceptance_length"] == pytest.approx((len(out) - 1) / i)
+    assert mets["projected/pcie_s_per_round"] > 10e-6 * 2
+    assert all(k.split("/")[0] in ("measured", "projected", "info") for k in mets)
+
+    cfg.draft_path = None
+    with pytest.raises(UserError) as e:
+        Dovetail(cfg, SimpleNamespace(mode="infer", run_dir=tmp_path, cfg=None)).validate()
+    one_line(e.value, "technique.draft_path")
+
+
+BENCH = [sys.executable, str(ROOT / "scripts" / "bench_dovetail.py")]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--trees", "0:1:1"], "technique.total_tokens"),
+    (["--trees", "8:9:2"], "technique.depth"),
+    (["--methods", "target-only,magic"], "--methods"),
+])
+def test_bench_bad_input_exit_2(args, needle):
+    r = subprocess.run(BENCH + args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_bench_tiny_runs_all_rows(tmp_path):
+    out = tmp_path / "b.json"
+    r = subprocess.run(BENCH + ["--model", "tiny", "--prompts", "1", "--prompt-tokens", "12", "--max-new-tokens",
+                                "16", "--threads", "1", "--offload-budget", "0.8", "--trees", "6:3:2",
+                                "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    rows = rep["measured"]
+    assert set(rows) == {"target-only", "hf-assisted", "eagle[6:3:2]", "dovetail[6:3:2]", "offload"}
+    for name in ("target-only", "eagle[6:3:2]", "dovetail[6:3:2]", "offload"):
+        assert rows[name]["exact"] == "1/1"
+    assert rows["dovetail[6:3:2]"]["memory"]["draft_weight_bytes"] > 0
+    assert rep["projected"]["main"]["cpu_only_tok_s"] > 0
