@@ -116,7 +116,7 @@ class TokenBlocks:
         self.seed = dcfg.seed
         if dcfg.kind == "synthetic":
             g = torch.Generator().manual_seed(dcfg.seed)
-            n = max(64, dcfg.batch_size * 16)
+            n = 256  # independent of the batch size: a run's samples do not depend on how it is batched
             self.train = torch.randint(0, vocab_size, (n, self.seq_len + 1), generator=g)
             self.eval = torch.randint(0, vocab_size, (max(1, dcfg.eval_batches) * dcfg.batch_size, self.seq_len + 1), generator=g)
         else:
