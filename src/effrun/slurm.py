@@ -4,10 +4,10 @@ Submitting side (`effrun -m ... hydra/launcher=slurm`), called by effrun.fronten
   - `pin_sweep_dir`: resolve hydra.sweep.dir once so effrun knows where the points land;
   - `check_resources`: compare the launcher's request with the partition (sinfo) and fail fast
     with one line instead of a job that pends forever;
-  - `install_launcher`: wrap hydra-submitit-launcher's `launch` so that a point whose job died
-    (no summary, killed, out of time) is recorded as failed while the others' results are kept,
-    and `run.skip_completed=true` submits only the points without a completed summary;
-  - `sweep_summary`: one status line per point, written to <sweep dir>/sweep_summary.json.
+  - `sweep_summary`: one status line per point, written to <sweep dir>/sweep_summary.json (by the
+    Hydra callback `hydra_plugins.effrun_launcher.callbacks.SweepSummary` at the end of a multirun).
+The launcher itself is a Hydra plugin: `hydra_plugins.effrun_launcher.launcher` (skip completed
+points, record dead jobs as failed points, one-line sbatch refusals).
 
 Job side (inside the Slurm job, called from effrun.main and the train loop):
   - `job_setup`: route submitit's USR2 (time limit / preemption) through a flag so the loop can
@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 
 from effrun.errors import UserError
 
-SUBMITIT_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+SUBMITIT_TARGETS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.",
+                    "hydra_plugins.effrun_launcher.launcher.")
 SWEEP_SUMMARY = "sweep_summary.json"
 # test hook, "STEP" or "STEP@TASK": after STEP steps, in the first run of the job (of array task TASK
 # only), every rank sends itself the preemption signal, as Slurm does before a time limit
@@ -44,7 +45,7 @@ def launcher_cfg(hcfg) -> Optional[Dict[str, Any]]:
     from omegaconf import OmegaConf
 
     node = OmegaConf.select(hcfg, "hydra.launcher")
-    if node is None or not str(node.get("_target_", "")).startswith(SUBMITIT_TARGET):
+    if node is None or not str(node.get("_target_", "")).startswith(SUBMITIT_TARGETS):
         return None
     return OmegaConf.to_container(node, resolve=True)
 
@@ -225,126 +226,6 @@ def print_sweep_summary(summ: Dict[str, Any], file=sys.stderr) -> None:
         print(f"  #{r['num']} {r['status']:<9} {' '.join(r['overrides'])}{extra}", file=file)
 
 
-# --- the launcher wrapper --------------------------------------------------------------------
-SUBMIT_ERROR: List[str] = []
-
-
-def _mark_failed(run_dir: Path, error: str) -> None:
-    """A job that died without finishing its summary (killed, out of memory/time) -> failed."""
-    from effrun.rundir import atomic_write_json, read_summary
-
-    s = read_summary(run_dir) or {}
-    if s.get("status") in ("completed", "failed"):
-        return
-    s.update(status="failed", error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    atomic_write_json(Path(run_dir) / "summary.json", s)
-
-
-def _short(err: BaseException) -> str:
-    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-    for l in reversed(lines):  # the most telling line of submitit's error: the last exception
-        if "Error" in l or "error" in l or "Killed" in l or "CANCELLED" in l:
-            return f"{type(err).__name__}: {l}"[:300]
-    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
-
-
-def _wait_all(jobs, max_poll_s: float = 30.0) -> None:
-    """Wait for every job with one sacct call per poll (submitit's own wait backs off to minutes and
-    waits 15 s for the result file of a job that was killed)."""
-    if not jobs:
-        return
-    t0, pending = time.time(), list(jobs)
-    while pending:
-        try:
-            jobs[0].watcher.update()  # one sacct for all registered jobs
-        except Exception:
-            pass
-        still = []
-        for j in pending:
-            if j.done():
-                j._results_timeout_s = min(getattr(j, "_results_timeout_s", 15), 5)
-            else:
-                still.append(j)
-        pending = still
-        if pending:  # 1 s at first, then a tenth of the elapsed time, at most max_poll_s
-            time.sleep(min(max_poll_s, max(1.0, (time.time() - t0) / 10)))
-
-
-def _launch(self, job_overrides, initial_job_idx):
-    """hydra-submitit-launcher's launch, plus: skip completed points (run.skip_completed=true),
-    wait for every job even when one fails, and record a dead job as a failed point."""
-    import submitit
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-    from omegaconf import OmegaConf
-
-    from effrun.rundir import read_summary
-
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    import logging
-
-    log = logging.getLogger("effrun.slurm")
-    params = self.params
-    executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params["submitit_folder"],
-                                     **({f"{self._EXECUTOR}_max_num_timeout": params["max_num_timeout"]}
-                                        if "max_num_timeout" in params else {}))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
-                                  if k not in ("submitit_folder", "max_num_timeout")})
-    sweep_dir = Path(str(self.config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    known = point_dirs(sweep_dir)
-    skip = bool(OmegaConf.select(self.config, "run.skip_completed"))
-
-    todo, returns = [], {}
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
-        d = _point_dir(sweep_dir, idx, known)
-        prior = read_summary(d) or {}
-        if skip and prior.get("status") == "completed":
-            log.info(f"\t#{idx} : skip (completed in {d})")
-            r = JobReturn(overrides=list(overrides), working_dir=str(d), task_name="", status=JobStatus.COMPLETED,
-                          _return_value=prior)
-            returns[idx] = r
-            continue
-        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        todo.append((idx, d, list(overrides)))
-    print(f"effrun: submitting {len(todo)} of {len(job_overrides)} job(s) "
-          f"({len(job_overrides) - len(todo)} already completed)", file=sys.stderr)
-    if todo:
-        state = Singleton.get_state()
-        args = [(ov, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state) for idx, _, ov in todo]
-        try:
-            jobs = executor.map_array(self, *zip(*args))
-        except Exception as e:  # sbatch refused the jobs: the front prints one line and exits 2
-            SUBMIT_ERROR.append(_short(e))
-            raise SystemExit(2) from None  # (past Hydra's error report, which prints a traceback)
-        _wait_all(jobs)
-        for (idx, d, ov), job in zip(todo, jobs):
-            try:
-                r = job.results()[0]
-                if r.status == JobStatus.FAILED:  # the task raised past effrun (e.g. no requeue left)
-                    raise r._return_value
-            except Exception as e:
-                err = _short(e)
-                log.error(f"#{idx} (slurm job {job.job_id}) failed: {err}")
-                _mark_failed(d, f"slurm job {job.job_id}: {err}")
-                r = JobReturn(overrides=ov, working_dir=str(d), task_name="", status=JobStatus.COMPLETED,
-                              _return_value=read_summary(d))
-            returns[idx] = r
-    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
-
-
-def install_launcher() -> None:
-    """Route hydra-submitit-launcher's launch through `_launch` (in the submitting process only)."""
-    from hydra_plugins.hydra_submitit_launcher import submitit_launcher as sl
-
-    if getattr(sl.BaseSubmititLauncher.launch, "_effrun", False):
-        return
-    _launch._effrun = True
-    sl.BaseSubmititLauncher.launch = _launch
-
-
 # ---------------------------------------------------------------------------------------------
 # job side
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +345,8 @@ def on_requeue(run_dir: Path, exc: Requeue) -> None:
 # the front's entry points
 # ---------------------------------------------------------------------------------------------
 def prepare_sweep(kv: List[str], points: List[List[str]], dry_run: bool):
-    """Before a multirun: pin the sweep dir, check a Slurm request against the partition, wrap the
-    submitit launcher. Returns (overrides, context for finish_sweep)."""
+    """Before a multirun: pin the sweep dir, check a Slurm request against the partition.
+    Returns (overrides, context for finish_sweep)."""
     from omegaconf import OmegaConf
 
     from effrun.config.compose import compose_checked
@@ -482,8 +363,6 @@ def prepare_sweep(kv: List[str], points: List[List[str]], dry_run: bool):
                 print("note: no sinfo here; the request was not checked against a partition", file=sys.stderr)
             else:
                 check_resources(lcfg)
-        if not dry_run:
-            install_launcher()
     return kv, ctx
 
 
@@ -509,9 +388,18 @@ def dry_run_listing(ctx: Dict[str, Any]) -> None:
 
 
 def finish_sweep(ctx: Dict[str, Any]) -> List[str]:
-    """After a multirun: write and print the sweep summary; return the run dirs that did not complete."""
-    summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
-    print_sweep_summary(summ)
+    """After a multirun: the run dirs that did not complete, from the sweep summary the callback
+    wrote (or, when the sweep ended before its callback ran, from the points' own summaries)."""
+    import json
+
+    f = Path(ctx["sweep_dir"]) / SWEEP_SUMMARY
+    try:
+        if f.stat().st_mtime < ctx.get("started", 0):  # an earlier sweep's summary
+            raise OSError("stale")
+        summ = json.loads(f.read_text())
+    except (OSError, ValueError):
+        summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
+        print_sweep_summary(summ)
     return [r["run_dir"] for r in summ["points"] if r["status"] != "completed"]
 
 
