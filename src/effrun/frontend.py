@@ -41,7 +41,7 @@ class HydraArgs:
             if flag in tokens:
                 i = tokens.index(flag)
                 nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-                if nxt not in INFO_CHOICES:
+                if nxt is not None and "=" in nxt:
                     tokens = tokens[:i] + tokens[i + 1:] + [flag]
         parser = get_args_parser()
         parser.prog = "effrun"

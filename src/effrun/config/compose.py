@@ -48,6 +48,10 @@ def _translate(exc: Exception, overrides: List[str]) -> UserError:
                 return UserError("unknown key", key=key, choices=_valid_keys(key, overrides))
             return UserError(first, key=key)
     msg = msgs[0]
+    m = re.search(r"Could not append to config. An item is already at '([\w\-/.]+)'", msg)
+    if m:
+        k = m.group(1)
+        return UserError(f"already set; override it with {k}=VALUE (or ++{k}=VALUE)", key=k)
     m = re.search(r"Could not override '([\w\-/.]+)'", msg)
     if m:
         g = m.group(1)
