@@ -63,5 +63,7 @@ def test_single_run_identity_names_the_overrides_that_differ(tmp_path, monkeypat
     got = run_identity(tmp_path, config)
     assert got == {"group": None, "job_type": "train", "name": "paca llama-tiny data.seq_len=32 max_steps=1",
                    "tags": ["train", "paca", "llama-tiny", "cpu"]}
+    config["run"] = {"name": "my run"}  # run.name, when set, is the name
+    assert run_identity(tmp_path, config)["name"] == "my run"
     monkeypatch.setenv("WANDB_NAME", "mine")
     assert run_identity(tmp_path, config)["name"] is None  # wandb takes its own variable

@@ -28,13 +28,13 @@ def run_task(cfg: DictConfig):
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     run_dir = hc.runtime.output_dir
-    slurm.job_setup()  # inside a Slurm job: preemption signal -> checkpoint + requeue
+    signals = slurm.job_setup()  # inside a Slurm job: preemption signal -> checkpoint + requeue
     from effrun.experiment import Experiment
 
     try:
         return Experiment(cfg, run_dir).run()
     except slurm.Requeue as e:
-        slurm.on_requeue(run_dir, e)  # does not return: submitit requeues the job
+        slurm.on_requeue(run_dir, e, signals)  # does not return: submitit requeues the job
     except UserError as e:
         if not multirun:
             print(e.line(), file=sys.stderr)
@@ -48,7 +48,8 @@ def run_task(cfg: DictConfig):
 
         traceback.print_exc()
         _note_failed(run_dir, f"{type(e).__name__}: {e}")
-        slurm.note_fatal(run_dir)  # submitit gave up requeueing: that is the reason, not what it interrupted
+        if signals is not None:  # submitit gave up requeueing: that is the reason, not what it interrupted
+            signals.note_fatal(run_dir)
 
 
 def _note_failed(run_dir: str, error: str) -> None:

@@ -237,9 +237,6 @@ class Requeue(BaseException):
         self.step = step
 
 
-_state: Dict[str, Any] = {"installed": False, "flag": False, "handler": None, "signum": None, "polling": False}
-
-
 def in_submitit_job() -> bool:
     return "SUBMITIT_FOLDER" in os.environ and "SLURM_JOB_ID" in os.environ
 
@@ -256,68 +253,137 @@ def requeued() -> bool:
     return "SLURM_JOB_ID" in os.environ and restart_count() > 0
 
 
-def _on_signal(signum, frame) -> None:
-    if not _state["polling"]:  # no loop polls the flag (start-up, eval, a loop of its own): submitit's way
-        print(f"effrun: got {signal.Signals(signum).name} outside the train loop: requeue now", file=sys.stderr,
-              flush=True)
-        try:
-            _state["handler"](signum, frame)
-        except BaseException as e:  # e.g. no requeue left: keep the reason, whatever it interrupts
-            _state["fatal"] = f"{type(e).__name__}: {e}"
+class JobSignals:
+    """Submitit's preemption signal (USR2 before a time limit or on preemption), taken over for this
+    job process: while a loop polls (`should_stop` at each step boundary) the signal only sets a
+    flag, so the loop can checkpoint first; outside a loop it goes to submitit's handler at once.
+    A signal handler belongs to the process, so the installed object is found through the process's
+    signal table (`JobSignals.installed()`), not through module state."""
+
+    def __init__(self, handler, signum: int):
+        self.handler, self.signum = handler, signum
+        self.flag = False
+        self.polling = False
+        self.fatal: Optional[str] = None  # why submitit gave up requeueing, for the point's summary
+
+    @staticmethod
+    def _signum() -> int:
+        import submitit
+
+        return submitit.JobEnvironment._usr_sig()
+
+    @classmethod
+    def installed(cls) -> Optional["JobSignals"]:
+        if not in_submitit_job():
+            return None
+        owner = getattr(signal.getsignal(cls._signum()), "__self__", None)
+        return owner if isinstance(owner, cls) else None
+
+    @classmethod
+    def install(cls) -> Optional["JobSignals"]:
+        have = cls.installed()
+        if have is not None:
+            return have
+        signum = cls._signum()
+        prev = signal.getsignal(signum)
+        if not callable(prev):
+            return None
+        obj = cls(prev, signum)
+        signal.signal(signum, obj._on_signal)
+        return obj
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.polling:  # no loop polls the flag (start-up, eval, a loop of its own): submitit's way
+            print(f"effrun: got {signal.Signals(signum).name} outside the train loop: requeue now", file=sys.stderr,
+                  flush=True)
+            try:
+                self.handler(signum, frame)
+            except BaseException as e:  # e.g. no requeue left: keep the reason, whatever it interrupts
+                self.fatal = f"{type(e).__name__}: {e}"
+                raise
+            return
+        self.flag = True
+        print(f"effrun: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then requeue",
+              file=sys.stderr, flush=True)
+
+    def should_stop(self, world_size: int, step: int) -> bool:
+        self.polling = True
+        at, _, task = (os.environ.get(PREEMPT_ENV) or "").partition("@")
+        if at and restart_count() == 0 and step + 1 == int(at) and \
+                (not task or task == os.environ.get("SLURM_ARRAY_TASK_ID")):
+            os.kill(os.getpid(), self.signum)
+        flag = self.flag
+        if world_size > 1:
+            flag = _any_rank(flag)
+        return flag
+
+    def stop_polling(self) -> None:
+        if self.flag:
+            print("effrun: preemption signal during the last step: finishing instead of requeuing", file=sys.stderr)
+        self.polling = self.flag = False
+
+    def requeue(self, run_dir: Path) -> None:
+        try:  # rank 0: dump the delayed submission, scontrol requeue, exit
+            self.handler(self.signum, None)
+        except SystemExit:
             raise
-        return
-    _state["flag"] = True
-    print(f"effrun: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then requeue",
-          file=sys.stderr, flush=True)
+        except BaseException as e:  # no requeue left (max_num_timeout): the point ends failed
+            self.fatal = f"{type(e).__name__}: {e}"
+            self.note_fatal(run_dir)
+            raise
+
+    def note_fatal(self, run_dir) -> None:
+        """A point that failed because submitit gave up requeueing: say so in its summary (the
+        exception surfaced wherever the signal interrupted the program, e.g. inside an import)."""
+        from effrun.rundir import atomic_write_json, read_summary
+
+        if not self.fatal or int(os.environ.get("SLURM_PROCID", 0)) != 0:
+            return
+        s = read_summary(run_dir) or {}
+        s.update(status="failed", error=self.fatal, interrupted_error=s.get("error"))
+        atomic_write_json(Path(run_dir) / "summary.json", s)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any. The control tensor lives where the process group
+    can reduce it: on the current GPU for a pure NCCL group (NCCL has no CPU tensors), on the CPU for
+    gloo and for a `cpu:gloo,cuda:nccl` group."""
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def job_setup() -> Optional[JobSignals]:
+    """Inside a submitit job: take over submitit's preemption signal; threads = cpus_per_task.
+    Returns the installed JobSignals (None outside a submitit job)."""
+    if not in_submitit_job():
+        return None
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = cpus
+    return JobSignals.install()
+
+
+def should_stop(exp, step: int) -> bool:
+    """Called by a loop after `step` finished: True on every rank when any rank was signalled."""
+    js = JobSignals.installed()
+    return js.should_stop(exp.world_size, step) if js is not None else False
 
 
 def stop_polling() -> None:
     """The loop is past its last step: a later signal requeues at once (a pending one is dropped:
     only the summary is left to write)."""
-    if _state["flag"]:
-        print("effrun: preemption signal during the last step: finishing instead of requeuing", file=sys.stderr)
-    _state.update(polling=False, flag=False)
+    js = JobSignals.installed()
+    if js is not None:
+        js.stop_polling()
 
 
-def job_setup() -> None:
-    """Inside a submitit job: take over submitit's preemption signal; threads = cpus_per_task."""
-    if not in_submitit_job():
-        return
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = cpus
-    if _state["installed"]:
-        return
-    import submitit
-
-    signum = submitit.JobEnvironment._usr_sig()
-    prev = signal.getsignal(signum)
-    if callable(prev):
-        _state.update(installed=True, handler=prev, signum=signum, flag=False)
-        signal.signal(signum, _on_signal)
-
-
-def should_stop(exp, step: int) -> bool:
-    """Called by a loop after `step` finished: True on every rank when any rank was signalled."""
-    if not _state["installed"]:
-        return False
-    _state["polling"] = True
-    at, _, task = (os.environ.get(PREEMPT_ENV) or "").partition("@")
-    if at and restart_count() == 0 and step + 1 == int(at) and \
-            (not task or task == os.environ.get("SLURM_ARRAY_TASK_ID")):
-        os.kill(os.getpid(), _state["signum"])
-    flag = _state["flag"]
-    if exp.world_size > 1:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = bool(t.item())
-    return flag
-
-
-def on_requeue(run_dir: Path, exc: Requeue) -> None:
+def on_requeue(run_dir: Path, exc: Requeue, signals: Optional[JobSignals] = None) -> None:
     """After the loop checkpointed: mark the point requeued, then let submitit requeue the job."""
     from effrun.rundir import atomic_write_json, read_summary
 
@@ -326,16 +392,9 @@ def on_requeue(run_dir: Path, exc: Requeue) -> None:
         s = read_summary(run_dir) or {}
         s.update(status="requeued", error=None, requeued_at_step=exc.step, restarts=restart_count())
         atomic_write_json(Path(run_dir) / "summary.json", s)
-    handler = _state["handler"]
-    if handler is not None:
-        try:  # rank 0: dump the delayed submission, scontrol requeue, exit
-            handler(_state["signum"], None)
-        except SystemExit:
-            raise
-        except BaseException as e:  # no requeue left (max_num_timeout): the point ends failed
-            _state["fatal"] = f"{type(e).__name__}: {e}"
-            note_fatal(run_dir)
-            raise
+    signals = signals or JobSignals.installed()
+    if signals is not None:
+        signals.requeue(run_dir)
     if rank != 0:
         time.sleep(120)  # the requeue ends this task; exiting now could look like a finished job
     os._exit(1)
@@ -401,15 +460,3 @@ def finish_sweep(ctx: Dict[str, Any]) -> List[str]:
         summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
         print_sweep_summary(summ)
     return [r["run_dir"] for r in summ["points"] if r["status"] != "completed"]
-
-
-def note_fatal(run_dir) -> None:
-    """A point that failed because submitit gave up requeueing: say so in its summary (the
-    exception surfaced wherever the signal interrupted the program, e.g. inside an import)."""
-    from effrun.rundir import atomic_write_json, read_summary
-
-    if not _state.get("fatal") or int(os.environ.get("SLURM_PROCID", 0)) != 0:
-        return
-    s = read_summary(run_dir) or {}
-    s.update(status="failed", error=_state["fatal"], interrupted_error=s.get("error"))
-    atomic_write_json(Path(run_dir) / "summary.json", s)

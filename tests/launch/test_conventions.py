@@ -108,3 +108,24 @@ def test_wandb_auto_mode_follows_wandb_mode(monkeypatch, env, want):
         monkeypatch.setenv(k, v)
     assert resolve_mode("auto") == want
     assert resolve_mode("online") == "online"  # an explicit logger.wandb_mode wins
+
+
+def test_config_name_from_a_user_folder_in_preflight_and_run(tmp_path):
+    """--config-dir + --config-name: a primary config of the user's that extends effrun's; the
+    pre-flight (validate) and the Hydra app (--cfg job) compose the same thing."""
+    import yaml
+
+    conf = tmp_path / "myconf"
+    conf.mkdir()
+    (conf / "exp.yaml").write_text("defaults:\n  - config\n  - _self_\nrun:\n  lr: 0.25\n")
+    v = run("validate", "train", "model=llama-tiny", "--config-dir", "myconf", "--config-name", "exp", cwd=tmp_path)
+    assert v.returncode == 0, v.stderr
+    assert yaml.safe_load(v.stdout)["run"]["lr"] == 0.25
+    c = run("--cfg", "job", "model=llama-tiny", "--config-dir", "myconf", "--config-name", "exp", cwd=tmp_path)
+    assert c.returncode == 0 and yaml.safe_load(c.stdout)["run"]["lr"] == 0.25, c.stderr
+    bad = run("validate", "train", "--config-dir", "myconf", "--config-name", "nope", cwd=tmp_path)
+    err = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(err) == 1 and err[0].startswith("error: --config-name: no primary config 'nope'")
+    assert "(valid: config, exp)" in err[0], err
+    missing = run("validate", "train", "--config-dir", "no_such_dir", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --config-dir:"), missing.stderr

@@ -35,6 +35,8 @@ def _run(cmd, cwd, env=None, timeout=300):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(venv python, venv effrun, a folder outside the checkout holding myconf/, the wheel)."""
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this venv "
+                        "(pip install setuptools; Python >= 3.12 venvs come without it)")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # build from a copy: the build writes build/ next to setup.py
     src.mkdir()

@@ -48,6 +48,13 @@ def _translate(exc: Exception, overrides: List[str]) -> UserError:
                 return UserError("unknown key", key=key, choices=_valid_keys(key, overrides))
             return UserError(first, key=key)
     msg = msgs[0]
+    m = re.search(r"Cannot find primary config '([^']+)'", msg)
+    if m:
+        from effrun.config.paths import search_dirs
+
+        names = sorted({f.stem for d in search_dirs() if d.is_dir() for f in d.glob("*.yaml")})
+        return UserError(f"no primary config {m.group(1)!r} on the search path", key="--config-name",
+                         choices=names)
     m = re.search(r"Could not append to config. An item is already at '([\w\-/.]+)'", msg)
     if m:
         k = m.group(1)

@@ -1,6 +1,7 @@
 """wandb: the run id is effrun's run_id (a resume or requeue appends to the same run), and every
-run carries who it is: `group` (its sweep), `job_type` (the mode), a readable `name` (technique,
-model and the overrides that vary) and `tags`, so that a sweep is not a flat list of ids.
+run carries who it is: `group` (its sweep), `job_type` (the mode), a readable `name` (`run.name`
+when set, else technique, model and the overrides that vary) and `tags`, so that a sweep is not a
+flat list of ids.
 
 Mode: `logger.wandb_mode=auto` follows WANDB_MODE when it is set (online, offline, disabled, ...),
 else online with WANDB_API_KEY and offline without. WANDB_RUN_GROUP / WANDB_JOB_TYPE /
@@ -81,7 +82,9 @@ def run_identity(run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
             continue
         if varying is None or key in varying:
             shown[key] = value
-    name = " ".join(["+".join(techs), model, *(f"{_short(k)}={v}" for k, v in shown.items())])
+    shown.pop("run.name", None)
+    name = str((config.get("run") or {}).get("name") or "") or \
+        " ".join(["+".join(techs), model, *(f"{_short(k)}={v}" for k, v in shown.items())])
     if len(name) > 128:
         name = name[:125] + "..."
     group = None
