@@ -31,8 +31,6 @@ class HydraArgs:
     """Hydra's command line (flags + overrides), parsed by Hydra's own argparse parser."""
 
     def __init__(self, tokens: List[str]):
-        import argparse
-
         from hydra._internal.utils import get_args_parser
 
         tokens = list(tokens)
@@ -53,8 +51,7 @@ class HydraArgs:
         parser.error = error  # type: ignore[method-assign]
         if "--version" in tokens:
             self.version = True
-            self.args = argparse.Namespace(overrides=[])
-            self.tokens = ["--version"]
+            self.args = parser.parse_args([])
             return
         self.version = False
         self.args = parser.parse_args(tokens)

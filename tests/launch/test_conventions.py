@@ -80,17 +80,33 @@ def test_reexec_does_not_import_from_the_working_directory(tmp_path):
     assert "working directory" not in p.stderr and "name: llama-tiny" in p.stdout
 
 
-@pytest.mark.parametrize("spelling", ["True", "YES"])
-def test_resume_reads_the_value_not_the_string(effrun, tmp_path, spelling):
+def test_resume_reads_the_value_not_the_string(effrun, tmp_path):
+    """run.resume=True used to start a fresh run: the front matched the string 'run.resume=true'."""
     common = [*TINY, "data=synthetic", "run.max_steps=3", "run.checkpoint_every=1"]
     root = tmp_path / "out"
     killed = effrun("train", *common, "run.crash_after_steps=1", root=root, check=False)
     assert killed.returncode != 0
     run_dir = killed.run_dirs()[-1]
-    resumed = effrun("train", *common, f"run.resume={spelling}", root=root)
+    resumed = effrun("train", *common, "run.resume=True", root=root)
     assert resumed.run_dirs() == [run_dir]
     s = resumed.summary()
     assert s["status"] == "completed" and s["measured/resumed_from_step"] == 1
+
+
+@pytest.mark.parametrize("spelling, want", [("True", True), ("YES", True), ("on", True), ("1", True),
+                                             ("false", False), ("Off", False)])
+def test_resume_value_is_the_typed_config_value(spelling, want, tmp_path, monkeypatch):
+    """Any YAML-true spelling resumes: the front asks the composed (typed) config, not the string."""
+    from effrun.config.compose import compose_checked
+    from effrun import frontend
+
+    kv = ["model=llama-tiny", f"run.resume={spelling}"]
+    cfg = compose_checked(kv)
+    assert cfg.run.resume is want
+    looked = []
+    monkeypatch.setattr(frontend, "_resume_dir", lambda kv: looked.append(kv) or str(tmp_path))
+    assert frontend.run_dir_for(kv, cfg) == (str(tmp_path) if want else None)
+    assert bool(looked) is want
 
 
 @pytest.mark.parametrize("env, want", [
