@@ -21,10 +21,6 @@ from effrun.config.compose import MODES, Sources, _key_of, check_points, compose
 from effrun.errors import UserError
 
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-_VALUE_FLAGS = {"--cfg": "cfg", "-c": "cfg", "--package": "package", "-p": "package",
-                "--config-path": "config_path", "-cp": "config_path", "--config-name": "config_name",
-                "-cn": "config_name", "--config-dir": "config_dir", "-cd": "config_dir",
-                "--experimental-rerun": "experimental_rerun"}
 
 
 class HydraArgs:
