@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
 
-.PHONY: install assets demo test test-fast bench clean
+.PHONY: install assets demo test test-fast bench dist clean
 
 install: $(VENV)/.installed
 
@@ -37,5 +37,10 @@ test-fast: assets
 bench: assets
 	$(PY) scripts/bench_overhead.py
 
+# a wheel that carries configs/ and recipes/ (effrun._configs): `pip install dist/effrun-*.whl`
+dist: install
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf build
+
 clean:
-	rm -rf outputs multirun
+	rm -rf outputs multirun build dist

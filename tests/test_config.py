@@ -63,8 +63,13 @@ def test_missing_asset_names_the_fix(monkeypatch, tmp_path):
 def test_sweep_points_expand_cli_and_recipe():
     pts = sweep_points(["model=llama-tiny", "+technique=none,lora", "run.lr=0.1,0.2"])
     assert len(pts) == 4
+    # Hydra's BasicSweeper order: the recipe's sweeper params first, then the command line
     pts = sweep_points(["recipe=lora_vs_full", "model=llama-tiny"])
-    assert sorted(p[-1] for p in pts) == ["+technique=lora", "+technique=none"]
+    assert pts == [["+technique=none", "recipe=lora_vs_full", "model=llama-tiny"],
+                   ["+technique=lora", "recipe=lora_vs_full", "model=llama-tiny"]]
+    pts = sweep_points(["recipe=lora_vs_full", "run.lr=0.1,0.2"])
+    assert [p[0] + " " + p[2] for p in pts] == ["+technique=none run.lr=0.1", "+technique=none run.lr=0.2",
+                                               "+technique=lora run.lr=0.1", "+technique=lora run.lr=0.2"]
     # the command line wins over the recipe's sweep
     pts = sweep_points(["recipe=lora_vs_full", "+technique=dora"])
     assert len(pts) == 1

@@ -1,8 +1,9 @@
 """Thin front of the `effrun` command. Heavy imports (torch, transformers) happen only in runs.
 
 effrun [--debug] [-m] train|infer|plan [overrides]   -> forwarded to a @hydra.main function
+effrun [Hydra flags] [overrides]                      -> --cfg/--info/-sc/... as in any Hydra app
 effrun validate [train|infer|plan] [overrides]        -> compose + check + print resolved config
-effrun ls [group]                                     -> list config options with descriptions
+effrun ls [group] [--config-dir DIR]                  -> list config options with descriptions
 effrun report DIR... [--out DIR]                      -> markdown table + PNG plots
 effrun fetch                                          -> download/convert embedded assets
 """
@@ -12,8 +13,9 @@ import os
 import sys
 
 HELP = """usage: effrun [--debug] [-m|--multirun] [--dry-run] {train,infer,plan} [key=value ...]
+       effrun [--cfg job|hydra|all] [--info [WHAT]] [-sc install=bash] [key=value ...]
        effrun validate [train|infer|plan] [key=value ...]
-       effrun ls [technique|model|data|hardware|parallelism|logger|recipe]
+       effrun ls [technique|model|data|hardware|parallelism|logger|recipe] [--config-dir DIR]
        effrun report DIR... [--out DIR]
        effrun fetch
 
@@ -27,12 +29,16 @@ examples:
   effrun -m recipe=lora_vs_full                   a recipe: a paper's comparison
   effrun -m --dry-run train +technique=paca,lora  list the jobs a sweep would run
   effrun report multirun/2026-11-26/12-00-00      table + plots from finished runs
+  torchrun --nproc-per-node 2 -m effrun.cli train parallelism=env parallelism.world_size=2
 
 flags:
   --debug       show tracebacks for errors
   -m            multirun (sweeps, launchers such as hydra/launcher=slurm)
   --dry-run     with -m: print the jobs of the sweep and exit
-  Hydra flags (--cfg job, --info, ...) pass through."""
+  Hydra's flags work as in any Hydra app: --cfg job|hydra|all [--resolve] [--package P], --info
+  [all|config|defaults|defaults-tree|plugins|searchpath], -sc install=bash (shell completion),
+  --config-dir DIR (your own config groups), --config-path DIR, --config-name NAME,
+  hydra.searchpath=[file:///DIR], --hydra-help."""
 
 RUN_MODES = ("train", "infer", "plan")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
@@ -47,6 +53,15 @@ def _fail(line: str, debug: bool, exc: BaseException | None = None) -> int:
     return 2
 
 
+# the re-exec must not import from the working directory (a stray omegaconf.py or torch.py there
+# would shadow the real package): -P on Python >= 3.11, else drop sys.path[0] before importing
+if sys.version_info >= (3, 11):
+    REEXEC = ["-P", "-m", "effrun.cli"]
+else:
+    REEXEC = ["-c", "import sys; del sys.path[0]; from effrun.cli import main; sys.argv[0] = 'effrun'; "
+                    "sys.exit(main())"]
+
+
 def _pin_allocator(argv: list[str]) -> None:
     """glibc's dynamic mmap threshold swings peak RSS by ~15%: pin it, then re-exec once."""
     if os.environ.get("EFFRUN_NO_REEXEC") or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
@@ -54,7 +69,7 @@ def _pin_allocator(argv: list[str]) -> None:
     os.environ.update(MALLOC_ENV)
     os.environ["EFFRUN_NO_REEXEC"] = "1"
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "effrun.cli", *argv])
+    os.execv(sys.executable, [sys.executable, *REEXEC, *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = rest[0]
     try:
         if cmd == "ls":
-            from effrun.listing import list_options
+            from effrun.listing import ls_command
 
-            return list_options(rest[1] if len(rest) > 1 else None)
+            return ls_command(rest[1:])
         if cmd == "validate":
             from effrun.frontend import validate_command
 
@@ -87,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         mode = cmd if cmd in RUN_MODES else None
         overrides = rest[1:] if mode else rest
-        if mode is None and not multirun:
+        if mode is None and not multirun and not cmd.startswith("-"):
             return _fail(f"error: command: unknown command {cmd!r} (valid: {', '.join(RUN_MODES + ('validate', 'ls', 'report', 'fetch'))})", debug)
-        if not dry_run:
+        if not dry_run and not cmd.startswith("-"):
             _pin_allocator(argv)
         from effrun.frontend import run_command
 

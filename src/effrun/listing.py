@@ -5,14 +5,16 @@ from typing import Optional
 
 import yaml
 
-from effrun.config.paths import config_dir, group_options
+from effrun.config.paths import find_config, group_options
 from effrun.errors import UserError
 
 GROUPS = ("technique", "model", "data", "hardware", "parallelism", "logger", "recipe")
 
 
 def _describe(group: str, option: str) -> str:
-    f = config_dir() / group / f"{option}.yaml"
+    f = find_config(group, option)
+    if f is None:
+        return ""
     try:
         text = f.read_text()
         d = yaml.safe_load(text) or {}
@@ -42,3 +44,13 @@ def list_options(group: Optional[str]) -> int:
         for opt in group_options(g):
             print(f"  {opt:<18} {_describe(g, opt)}")
     return 0
+
+
+def ls_command(args) -> int:
+    """`effrun ls [group] [--config-dir DIR] [hydra.searchpath=[...]]`."""
+    from effrun.frontend import HydraArgs, _use
+
+    group = args[0] if args and not args[0].startswith("-") and "=" not in args[0] else None
+    hargs = HydraArgs(args[1:] if group else args)
+    _use(hargs, hargs.overrides)
+    return list_options(group)

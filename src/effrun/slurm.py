@@ -4,10 +4,10 @@ Submitting side (`effrun -m ... hydra/launcher=slurm`), called by effrun.fronten
   - `pin_sweep_dir`: resolve hydra.sweep.dir once so effrun knows where the points land;
   - `check_resources`: compare the launcher's request with the partition (sinfo) and fail fast
     with one line instead of a job that pends forever;
-  - `install_launcher`: wrap hydra-submitit-launcher's `launch` so that a point whose job died
-    (no summary, killed, out of time) is recorded as failed while the others' results are kept,
-    and `run.skip_completed=true` submits only the points without a completed summary;
-  - `sweep_summary`: one status line per point, written to <sweep dir>/sweep_summary.json.
+  - `sweep_summary`: one status line per point, written to <sweep dir>/sweep_summary.json (by the
+    Hydra callback `hydra_plugins.effrun_launcher.callbacks.SweepSummary` at the end of a multirun).
+The launcher itself is a Hydra plugin: `hydra_plugins.effrun_launcher.launcher` (skip completed
+points, record dead jobs as failed points, one-line sbatch refusals).
 
 Job side (inside the Slurm job, called from effrun.main and the train loop):
   - `job_setup`: route submitit's USR2 (time limit / preemption) through a flag so the loop can
@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 
 from effrun.errors import UserError
 
-SUBMITIT_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+SUBMITIT_TARGETS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.",
+                    "hydra_plugins.effrun_launcher.launcher.")
 SWEEP_SUMMARY = "sweep_summary.json"
 # test hook, "STEP" or "STEP@TASK": after STEP steps, in the first run of the job (of array task TASK
 # only), every rank sends itself the preemption signal, as Slurm does before a time limit
@@ -44,7 +45,7 @@ def launcher_cfg(hcfg) -> Optional[Dict[str, Any]]:
     from omegaconf import OmegaConf
 
     node = OmegaConf.select(hcfg, "hydra.launcher")
-    if node is None or not str(node.get("_target_", "")).startswith(SUBMITIT_TARGET):
+    if node is None or not str(node.get("_target_", "")).startswith(SUBMITIT_TARGETS):
         return None
     return OmegaConf.to_container(node, resolve=True)
 
@@ -225,126 +226,6 @@ def print_sweep_summary(summ: Dict[str, Any], file=sys.stderr) -> None:
         print(f"  #{r['num']} {r['status']:<9} {' '.join(r['overrides'])}{extra}", file=file)
 
 
-# --- the launcher wrapper --------------------------------------------------------------------
-SUBMIT_ERROR: List[str] = []
-
-
-def _mark_failed(run_dir: Path, error: str) -> None:
-    """A job that died without finishing its summary (killed, out of memory/time) -> failed."""
-    from effrun.rundir import atomic_write_json, read_summary
-
-    s = read_summary(run_dir) or {}
-    if s.get("status") in ("completed", "failed"):
-        return
-    s.update(status="failed", error=error, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    atomic_write_json(Path(run_dir) / "summary.json", s)
-
-
-def _short(err: BaseException) -> str:
-    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-    for l in reversed(lines):  # the most telling line of submitit's error: the last exception
-        if "Error" in l or "error" in l or "Killed" in l or "CANCELLED" in l:
-            return f"{type(err).__name__}: {l}"[:300]
-    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:300]
-
-
-def _wait_all(jobs, max_poll_s: float = 30.0) -> None:
-    """Wait for every job with one sacct call per poll (submitit's own wait backs off to minutes and
-    waits 15 s for the result file of a job that was killed)."""
-    if not jobs:
-        return
-    t0, pending = time.time(), list(jobs)
-    while pending:
-        try:
-            jobs[0].watcher.update()  # one sacct for all registered jobs
-        except Exception:
-            pass
-        still = []
-        for j in pending:
-            if j.done():
-                j._results_timeout_s = min(getattr(j, "_results_timeout_s", 15), 5)
-            else:
-                still.append(j)
-        pending = still
-        if pending:  # 1 s at first, then a tenth of the elapsed time, at most max_poll_s
-            time.sleep(min(max_poll_s, max(1.0, (time.time() - t0) / 10)))
-
-
-def _launch(self, job_overrides, initial_job_idx):
-    """hydra-submitit-launcher's launch, plus: skip completed points (run.skip_completed=true),
-    wait for every job even when one fails, and record a dead job as a failed point."""
-    import submitit
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-    from omegaconf import OmegaConf
-
-    from effrun.rundir import read_summary
-
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    import logging
-
-    log = logging.getLogger("effrun.slurm")
-    params = self.params
-    executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params["submitit_folder"],
-                                     **({f"{self._EXECUTOR}_max_num_timeout": params["max_num_timeout"]}
-                                        if "max_num_timeout" in params else {}))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
-                                  if k not in ("submitit_folder", "max_num_timeout")})
-    sweep_dir = Path(str(self.config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    known = point_dirs(sweep_dir)
-    skip = bool(OmegaConf.select(self.config, "run.skip_completed"))
-
-    todo, returns = [], {}
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
-        d = _point_dir(sweep_dir, idx, known)
-        prior = read_summary(d) or {}
-        if skip and prior.get("status") == "completed":
-            log.info(f"\t#{idx} : skip (completed in {d})")
-            r = JobReturn(overrides=list(overrides), working_dir=str(d), task_name="", status=JobStatus.COMPLETED,
-                          _return_value=prior)
-            returns[idx] = r
-            continue
-        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        todo.append((idx, d, list(overrides)))
-    print(f"effrun: submitting {len(todo)} of {len(job_overrides)} job(s) "
-          f"({len(job_overrides) - len(todo)} already completed)", file=sys.stderr)
-    if todo:
-        state = Singleton.get_state()
-        args = [(ov, "hydra.sweep.dir", idx, f"job_id_for_{idx}", state) for idx, _, ov in todo]
-        try:
-            jobs = executor.map_array(self, *zip(*args))
-        except Exception as e:  # sbatch refused the jobs: the front prints one line and exits 2
-            SUBMIT_ERROR.append(_short(e))
-            raise SystemExit(2) from None  # (past Hydra's error report, which prints a traceback)
-        _wait_all(jobs)
-        for (idx, d, ov), job in zip(todo, jobs):
-            try:
-                r = job.results()[0]
-                if r.status == JobStatus.FAILED:  # the task raised past effrun (e.g. no requeue left)
-                    raise r._return_value
-            except Exception as e:
-                err = _short(e)
-                log.error(f"#{idx} (slurm job {job.job_id}) failed: {err}")
-                _mark_failed(d, f"slurm job {job.job_id}: {err}")
-                r = JobReturn(overrides=ov, working_dir=str(d), task_name="", status=JobStatus.COMPLETED,
-                              _return_value=read_summary(d))
-            returns[idx] = r
-    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
-
-
-def install_launcher() -> None:
-    """Route hydra-submitit-launcher's launch through `_launch` (in the submitting process only)."""
-    from hydra_plugins.hydra_submitit_launcher import submitit_launcher as sl
-
-    if getattr(sl.BaseSubmititLauncher.launch, "_effrun", False):
-        return
-    _launch._effrun = True
-    sl.BaseSubmititLauncher.launch = _launch
-
-
 # ---------------------------------------------------------------------------------------------
 # job side
 # ---------------------------------------------------------------------------------------------
@@ -354,9 +235,6 @@ class Requeue(BaseException):
     def __init__(self, step: int):
         super().__init__(f"preempted: checkpointed at step {step}; requeuing")
         self.step = step
-
-
-_state: Dict[str, Any] = {"installed": False, "flag": False, "handler": None, "signum": None, "polling": False}
 
 
 def in_submitit_job() -> bool:
@@ -375,68 +253,137 @@ def requeued() -> bool:
     return "SLURM_JOB_ID" in os.environ and restart_count() > 0
 
 
-def _on_signal(signum, frame) -> None:
-    if not _state["polling"]:  # no loop polls the flag (start-up, eval, a loop of its own): submitit's way
-        print(f"effrun: got {signal.Signals(signum).name} outside the train loop: requeue now", file=sys.stderr,
-              flush=True)
-        try:
-            _state["handler"](signum, frame)
-        except BaseException as e:  # e.g. no requeue left: keep the reason, whatever it interrupts
-            _state["fatal"] = f"{type(e).__name__}: {e}"
+class JobSignals:
+    """Submitit's preemption signal (USR2 before a time limit or on preemption), taken over for this
+    job process: while a loop polls (`should_stop` at each step boundary) the signal only sets a
+    flag, so the loop can checkpoint first; outside a loop it goes to submitit's handler at once.
+    A signal handler belongs to the process, so the installed object is found through the process's
+    signal table (`JobSignals.installed()`), not through module state."""
+
+    def __init__(self, handler, signum: int):
+        self.handler, self.signum = handler, signum
+        self.flag = False
+        self.polling = False
+        self.fatal: Optional[str] = None  # why submitit gave up requeueing, for the point's summary
+
+    @staticmethod
+    def _signum() -> int:
+        import submitit
+
+        return submitit.JobEnvironment._usr_sig()
+
+    @classmethod
+    def installed(cls) -> Optional["JobSignals"]:
+        if not in_submitit_job():
+            return None
+        owner = getattr(signal.getsignal(cls._signum()), "__self__", None)
+        return owner if isinstance(owner, cls) else None
+
+    @classmethod
+    def install(cls) -> Optional["JobSignals"]:
+        have = cls.installed()
+        if have is not None:
+            return have
+        signum = cls._signum()
+        prev = signal.getsignal(signum)
+        if not callable(prev):
+            return None
+        obj = cls(prev, signum)
+        signal.signal(signum, obj._on_signal)
+        return obj
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.polling:  # no loop polls the flag (start-up, eval, a loop of its own): submitit's way
+            print(f"effrun: got {signal.Signals(signum).name} outside the train loop: requeue now", file=sys.stderr,
+                  flush=True)
+            try:
+                self.handler(signum, frame)
+            except BaseException as e:  # e.g. no requeue left: keep the reason, whatever it interrupts
+                self.fatal = f"{type(e).__name__}: {e}"
+                raise
+            return
+        self.flag = True
+        print(f"effrun: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then requeue",
+              file=sys.stderr, flush=True)
+
+    def should_stop(self, world_size: int, step: int) -> bool:
+        self.polling = True
+        at, _, task = (os.environ.get(PREEMPT_ENV) or "").partition("@")
+        if at and restart_count() == 0 and step + 1 == int(at) and \
+                (not task or task == os.environ.get("SLURM_ARRAY_TASK_ID")):
+            os.kill(os.getpid(), self.signum)
+        flag = self.flag
+        if world_size > 1:
+            flag = _any_rank(flag)
+        return flag
+
+    def stop_polling(self) -> None:
+        if self.flag:
+            print("effrun: preemption signal during the last step: finishing instead of requeuing", file=sys.stderr)
+        self.polling = self.flag = False
+
+    def requeue(self, run_dir: Path) -> None:
+        try:  # rank 0: dump the delayed submission, scontrol requeue, exit
+            self.handler(self.signum, None)
+        except SystemExit:
             raise
-        return
-    _state["flag"] = True
-    print(f"effrun: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then requeue",
-          file=sys.stderr, flush=True)
+        except BaseException as e:  # no requeue left (max_num_timeout): the point ends failed
+            self.fatal = f"{type(e).__name__}: {e}"
+            self.note_fatal(run_dir)
+            raise
+
+    def note_fatal(self, run_dir) -> None:
+        """A point that failed because submitit gave up requeueing: say so in its summary (the
+        exception surfaced wherever the signal interrupted the program, e.g. inside an import)."""
+        from effrun.rundir import atomic_write_json, read_summary
+
+        if not self.fatal or int(os.environ.get("SLURM_PROCID", 0)) != 0:
+            return
+        s = read_summary(run_dir) or {}
+        s.update(status="failed", error=self.fatal, interrupted_error=s.get("error"))
+        atomic_write_json(Path(run_dir) / "summary.json", s)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any. The control tensor lives where the process group
+    can reduce it: on the current GPU for a pure NCCL group (NCCL has no CPU tensors), on the CPU for
+    gloo and for a `cpu:gloo,cuda:nccl` group."""
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def job_setup() -> Optional[JobSignals]:
+    """Inside a submitit job: take over submitit's preemption signal; threads = cpus_per_task.
+    Returns the installed JobSignals (None outside a submitit job)."""
+    if not in_submitit_job():
+        return None
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = cpus
+    return JobSignals.install()
+
+
+def should_stop(exp, step: int) -> bool:
+    """Called by a loop after `step` finished: True on every rank when any rank was signalled."""
+    js = JobSignals.installed()
+    return js.should_stop(exp.world_size, step) if js is not None else False
 
 
 def stop_polling() -> None:
     """The loop is past its last step: a later signal requeues at once (a pending one is dropped:
     only the summary is left to write)."""
-    if _state["flag"]:
-        print("effrun: preemption signal during the last step: finishing instead of requeuing", file=sys.stderr)
-    _state.update(polling=False, flag=False)
+    js = JobSignals.installed()
+    if js is not None:
+        js.stop_polling()
 
 
-def job_setup() -> None:
-    """Inside a submitit job: take over submitit's preemption signal; threads = cpus_per_task."""
-    if not in_submitit_job():
-        return
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = cpus
-    if _state["installed"]:
-        return
-    import submitit
-
-    signum = submitit.JobEnvironment._usr_sig()
-    prev = signal.getsignal(signum)
-    if callable(prev):
-        _state.update(installed=True, handler=prev, signum=signum, flag=False)
-        signal.signal(signum, _on_signal)
-
-
-def should_stop(exp, step: int) -> bool:
-    """Called by a loop after `step` finished: True on every rank when any rank was signalled."""
-    if not _state["installed"]:
-        return False
-    _state["polling"] = True
-    at, _, task = (os.environ.get(PREEMPT_ENV) or "").partition("@")
-    if at and restart_count() == 0 and step + 1 == int(at) and \
-            (not task or task == os.environ.get("SLURM_ARRAY_TASK_ID")):
-        os.kill(os.getpid(), _state["signum"])
-    flag = _state["flag"]
-    if exp.world_size > 1:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = bool(t.item())
-    return flag
-
-
-def on_requeue(run_dir: Path, exc: Requeue) -> None:
+def on_requeue(run_dir: Path, exc: Requeue, signals: Optional[JobSignals] = None) -> None:
     """After the loop checkpointed: mark the point requeued, then let submitit requeue the job."""
     from effrun.rundir import atomic_write_json, read_summary
 
@@ -445,16 +392,9 @@ def on_requeue(run_dir: Path, exc: Requeue) -> None:
         s = read_summary(run_dir) or {}
         s.update(status="requeued", error=None, requeued_at_step=exc.step, restarts=restart_count())
         atomic_write_json(Path(run_dir) / "summary.json", s)
-    handler = _state["handler"]
-    if handler is not None:
-        try:  # rank 0: dump the delayed submission, scontrol requeue, exit
-            handler(_state["signum"], None)
-        except SystemExit:
-            raise
-        except BaseException as e:  # no requeue left (max_num_timeout): the point ends failed
-            _state["fatal"] = f"{type(e).__name__}: {e}"
-            note_fatal(run_dir)
-            raise
+    signals = signals or JobSignals.installed()
+    if signals is not None:
+        signals.requeue(run_dir)
     if rank != 0:
         time.sleep(120)  # the requeue ends this task; exiting now could look like a finished job
     os._exit(1)
@@ -464,8 +404,8 @@ def on_requeue(run_dir: Path, exc: Requeue) -> None:
 # the front's entry points
 # ---------------------------------------------------------------------------------------------
 def prepare_sweep(kv: List[str], points: List[List[str]], dry_run: bool):
-    """Before a multirun: pin the sweep dir, check a Slurm request against the partition, wrap the
-    submitit launcher. Returns (overrides, context for finish_sweep)."""
+    """Before a multirun: pin the sweep dir, check a Slurm request against the partition.
+    Returns (overrides, context for finish_sweep)."""
     from omegaconf import OmegaConf
 
     from effrun.config.compose import compose_checked
@@ -482,8 +422,6 @@ def prepare_sweep(kv: List[str], points: List[List[str]], dry_run: bool):
                 print("note: no sinfo here; the request was not checked against a partition", file=sys.stderr)
             else:
                 check_resources(lcfg)
-        if not dry_run:
-            install_launcher()
     return kv, ctx
 
 
@@ -509,19 +447,16 @@ def dry_run_listing(ctx: Dict[str, Any]) -> None:
 
 
 def finish_sweep(ctx: Dict[str, Any]) -> List[str]:
-    """After a multirun: write and print the sweep summary; return the run dirs that did not complete."""
-    summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
-    print_sweep_summary(summ)
+    """After a multirun: the run dirs that did not complete, from the sweep summary the callback
+    wrote (or, when the sweep ended before its callback ran, from the points' own summaries)."""
+    import json
+
+    f = Path(ctx["sweep_dir"]) / SWEEP_SUMMARY
+    try:
+        if f.stat().st_mtime < ctx.get("started", 0):  # an earlier sweep's summary
+            raise OSError("stale")
+        summ = json.loads(f.read_text())
+    except (OSError, ValueError):
+        summ = sweep_summary(ctx["sweep_dir"], ctx["points"])
+        print_sweep_summary(summ)
     return [r["run_dir"] for r in summ["points"] if r["status"] != "completed"]
-
-
-def note_fatal(run_dir) -> None:
-    """A point that failed because submitit gave up requeueing: say so in its summary (the
-    exception surfaced wherever the signal interrupted the program, e.g. inside an import)."""
-    from effrun.rundir import atomic_write_json, read_summary
-
-    if not _state.get("fatal") or int(os.environ.get("SLURM_PROCID", 0)) != 0:
-        return
-    s = read_summary(run_dir) or {}
-    s.update(status="failed", error=_state["fatal"], interrupted_error=s.get("error"))
-    atomic_write_json(Path(run_dir) / "summary.json", s)

@@ -60,7 +60,8 @@ def test_tasks_must_match_the_world_size():
 
 def test_preemption_signal_is_deferred_to_a_step_boundary_only_inside_the_loop(monkeypatch):
     """Job side, without Slurm: submitit's USR2 handler runs at once outside the train loop, and is
-    replaced by a flag the loop polls while it runs."""
+    replaced by a flag the loop polls while it runs. The installed handler is found through the
+    process's signal table (no module state)."""
     import os
     import signal
     from types import SimpleNamespace
@@ -69,25 +70,39 @@ def test_preemption_signal_is_deferred_to_a_step_boundary_only_inside_the_loop(m
 
     calls = []
     old = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))  # stands in for submitit's handler
-    saved = dict(slurm._state)
     monkeypatch.setenv("SUBMITIT_FOLDER", "/nonexistent")
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
     monkeypatch.setenv(slurm.PREEMPT_ENV, "3@7")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     try:
-        slurm._state.update(installed=False, flag=False, polling=False)
-        slurm.job_setup()
+        assert slurm.JobSignals.installed() is None and slurm.should_stop(SimpleNamespace(world_size=1), 5) is False
+        js = slurm.job_setup()
+        assert isinstance(js, slurm.JobSignals) and slurm.JobSignals.installed() is js
+        assert slurm.job_setup() is js  # idempotent
         exp = SimpleNamespace(world_size=1)
         os.kill(os.getpid(), signal.SIGUSR2)  # before the loop: submitit requeues at once
-        assert calls == [signal.SIGUSR2] and not slurm._state["flag"]
+        assert calls == [signal.SIGUSR2] and not js.flag
         assert slurm.should_stop(exp, 0) is False and slurm.should_stop(exp, 1) is False
         assert slurm.should_stop(exp, 2) is True and calls == [signal.SIGUSR2]  # the hook fired after step 3
         slurm.stop_polling()
-        assert not slurm._state["flag"] and not slurm._state["polling"]
+        assert not js.flag and not js.polling
         monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued run resumes and is not signalled again
         assert slurm.requeued() and slurm.should_stop(exp, 2) is False
     finally:
         signal.signal(signal.SIGUSR2, old)
-        slurm._state.clear()
-        slurm._state.update(saved)
+
+
+def test_stop_flag_reduces_over_gloo_ranks():
+    """_any_rank: one rank signalled -> every rank stops (the control tensor on the CPU for gloo)."""
+    from effrun.launch import spawn
+
+    spawn(_flag_worker, 2, "gloo")
+
+
+def _flag_worker(rank, world_size):
+    from effrun.slurm import _any_rank
+
+    assert _any_rank(rank == 1) is True
+    assert _any_rank(False) is False

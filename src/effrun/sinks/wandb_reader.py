@@ -56,3 +56,17 @@ def history(path) -> List[Dict]:
                 row[key] = json.loads(item.value_json)
             rows.append(row)
     return rows
+
+
+def run_info(path) -> Dict:
+    """The run record of an offline run file: id, project, group, job_type, name, tags."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in _records(Path(path).read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "run":
+            r = rec.run
+            return {"id": r.run_id, "project": r.project, "group": r.run_group, "job_type": r.job_type,
+                    "name": r.display_name, "tags": list(r.tags)}
+    raise ValueError(f"no run record in {path}")
