@@ -404,16 +404,16 @@ class SafeDir:
         except OSError as e:
             raise UserError(f"cannot open {str(base)!r}: {e.strerror}", key=key) from None
         d = cls(fd, base)
-        try:
-            for part in parts:
-                d = d.subdir(part, create=create, key=key)
-        except BaseException:
-            d.close()
-            raise
+        for part in parts:
+            try:
+                child = d.child(part, create=create, key=key)
+            finally:
+                d.close()
+            d = child
         return d
 
-    def subdir(self, name: str, create: bool = True, key: str = "report") -> "SafeDir":
-        """Open (creating) a child directory and close this one."""
+    def child(self, name: str, create: bool = True, key: str = "report") -> "SafeDir":
+        """Open (creating) a child directory, refusing a symlink; this directory stays open."""
         _check_name(name)
         path = self.path / name
         try:
@@ -425,8 +425,6 @@ class SafeDir:
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(self.fd, name):
                 raise SymlinkRefused(f"refusing to write through the symlink {str(path)!r}", key=key) from None
             raise UserError(f"cannot create {str(path)!r}: {e.strerror}", key=key) from None
-        finally:
-            self.close()
         return SafeDir(fd, path)
 
     def check_target(self, name: str, key: str = "report") -> None:
@@ -468,6 +466,34 @@ class SafeDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_nofollow(path: PathLike, max_bytes: int, key: str = "report") -> bytes:
+    """A regular file's bytes, refusing a symlink (SymlinkRefused) and files over max_bytes (UserError)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SymlinkRefused(f"refusing to read the symlink {str(path)!r}", key=key) from None
+        raise UserError(f"cannot read {str(path)!r}: {e.strerror}", key=key) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{str(path)!r} is not a regular file", key=key)
+        if st.st_size > max_bytes:
+            raise UserError(f"{str(path)!r} is {st.st_size} bytes, more than the {max_bytes} this reads", key=key)
+        chunks, n = [], 0
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            n += len(b)
+            if n > max_bytes:
+                raise UserError(f"{str(path)!r} grew past {max_bytes} bytes while being read", key=key)
+            chunks.append(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _check_name(name: str) -> None:
