@@ -77,9 +77,9 @@ def _seconds(value: Optional[float], env: str, default: float) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise UserError(f"{env}={raw!r} is not a number of seconds", key=env) from None
+            raise UserError(f"{raw!r} is not a number of seconds", key=env) from None
     if not (value > 0 and value < float("inf")):
-        raise UserError(f"timeout {value!r} must be a finite number of seconds > 0", key=env)
+        raise UserError(f"{value!r} is not a valid timeout; valid range (0, inf) seconds", key=env)
     return float(value)
 
 

@@ -782,9 +782,13 @@ def build_report(dirs: Sequence[Path], out: Optional[Path] = None, baseline: Opt
 
     with _out_dir(dirs, out) as od:
         out_path = od.path
+        for name in ("report.md", "report.json", "report.csv", "plots"):  # refuse before writing anything
+            od.check_target(name, key=KEY)
         plot_paths = []
         if pngs:
             with od.child("plots", key=KEY) as pd:
+                for name, _ in pngs:
+                    pd.check_target(name, key=KEY)
                 for name, data in pngs:
                     plot_paths.append(pd.write_bytes(name, data, key=KEY))
         data = {"title": title, "baseline": base.label, "baseline_from": base_from, "out": str(out_path),

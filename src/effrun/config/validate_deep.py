@@ -68,10 +68,31 @@ def check_text_data(cfg: DictConfig) -> None:
         check_text_file(f)
 
 
+def check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation resolves (`${run.nope}`, `${oc.env:UNSET}` fail here with one line, not in
+    the middle of a run)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for k in cfg.keys():
+        if k == "hydra":
+            continue
+        try:
+            node = cfg._get_node(k)
+            if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+                OmegaConf.to_container(node, resolve=True)
+            else:
+                cfg[k]
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or str(k)
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise UserError(f"cannot resolve: {first}", key=key) from None
+
+
 def validate_plugins(cfg: DictConfig) -> None:
     from effrun import registry
     from effrun.config.ranges import check_ranges
 
+    check_resolves(cfg)
     check_ranges(cfg)
     if cfg.mode != "plan":
         check_text_data(cfg)
