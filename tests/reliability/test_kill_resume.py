@@ -172,7 +172,7 @@ def _observe(run_dir: Path, kill: Kill) -> None:
     elif not steps:
         kill.observed = "before the first checkpoint"
     elif kill.phase == "after" and kill.target in steps:
-        kill.observed = f"after step_{kill.target}.pt was written"
+        kill.observed = "after a checkpoint was renamed into place"
     else:
         kill.observed = f"between checkpoints (newest step_{steps[-1]}.pt)"
 
@@ -239,7 +239,8 @@ def test_sigkill_before_during_after_checkpoints_resume_equals_uninterrupted(zyg
     kills = [k for c in chains for k in c.kills]
     observed = {}
     for k in kills:
-        observed[k.observed.split(" (")[0].split(" step_")[0]] = observed.get(k.observed.split(" (")[0].split(" step_")[0], 0) + 1
+        kind = k.observed.split(" (")[0]
+        observed[kind] = observed.get(kind, 0) + 1
     print(f"\n{len(kills)} SIGKILLs over {len(chains)} runs ({sum(c.launches for c in chains)} launches); "
           f"planned: { {p: sum(k.phase == p for k in kills) for p in ('before', 'during', 'after', 'random')} }; "
           f"observed: {observed}; every resume from the newest intact checkpoint; losses equal the "

@@ -15,11 +15,6 @@ from effrun.launch import RankFailure, free_port, spawn, timeouts
 from tests.reliability import _workers
 
 
-def test_spawn_good_ranks_all_reduce(tmp_path):
-    spawn(_workers.good_rank, 2, "gloo", args=(str(tmp_path),))
-    assert {f: (tmp_path / f).read_text() for f in os.listdir(tmp_path)} == {"rank0": "3.0", "rank1": "3.0"}
-
-
 def test_spawn_names_a_rank_killed_by_sigkill(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(RankFailure) as e:
@@ -68,8 +63,7 @@ LONE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("rank,words", [(0, "rank(s) 1 of 2 did not join within 2 s"),
-                                        (1, "rank 1 of 2 could not reach rank 0")])
+@pytest.mark.parametrize("rank,words", [(1, "rank 1 of 2 could not reach rank 0")])  # rank 0 alone: the CLI test
 def test_a_peer_that_never_comes_fails_within_the_timeout(rank, words):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     t0 = time.monotonic()

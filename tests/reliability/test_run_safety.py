@@ -211,6 +211,29 @@ def test_run_files_are_readable_by_colleagues_and_free_of_secrets(tmp_path):
     assert key not in p.stdout + p.stderr and other not in p.stdout + p.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_sweep_files_hold_no_secrets(tmp_path):
+    """The same grep over a Slurm sweep: submitit's scripts, pickles and logs, the run dirs, wandb."""
+    from tests.slurm.conftest import TINY as SLURM_TINY
+    from tests.slurm.conftest import _node_ready
+
+    why = _node_ready()
+    if why:
+        pytest.skip(f"local Slurm cluster not available ({why}); start it with scripts/slurm-up.sh")
+    key, other = secrets.token_hex(20), "tok-" + secrets.token_hex(16)
+    p = cli(["-m", "train", *SLURM_TINY, "run.max_steps=2", "run.checkpoint_every=1", "logger.wandb=true",
+             "logger.wandb_mode=offline"], tmp_path, timeout=600, WANDB_API_KEY=key, EFFRUN_TEST_SECRET_TOKEN=other)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = [f for f in tmp_path.rglob("*") if f.is_file() and not f.is_symlink()]
+    kinds = {f.suffix for f in files}
+    assert ".sh" in kinds and ".out" in kinds and ".pkl" in kinds, kinds  # submitit's script, logs, pickles
+    assert any("wandb" in f.parts for f in files)
+    for f in files:
+        data = f.read_bytes()
+        assert key.encode() not in data and other.encode() not in data, f
+
+
 @pytest.mark.xfail(reason="issue 13 (sinks/wandb_sink.py): logger.wandb_mode=auto must respect WANDB_MODE", strict=True)
 def test_wandb_auto_respects_wandb_mode_offline(tmp_path):
     p = cli(["train", *TINY, "run.max_steps=1", "logger=wandb", "logger.console=false"], tmp_path, timeout=120,
