@@ -234,11 +234,14 @@ def test_slurm_sweep_files_hold_no_secrets(tmp_path):
         assert key.encode() not in data and other.encode() not in data, f
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="issue 13 (sinks/wandb_sink.py): logger.wandb_mode=auto must respect WANDB_MODE", strict=True)
 def test_wandb_auto_respects_wandb_mode_offline(tmp_path):
-    p = cli(["train", *TINY, "run.max_steps=1", "logger=wandb", "logger.console=false"], tmp_path, timeout=120,
-            WANDB_API_KEY=secrets.token_hex(20), WANDB_MODE="offline", WANDB_BASE_URL="http://127.0.0.1:9",
-            WANDB_INIT_TIMEOUT="5")
+    try:  # offline needs no server: a run that is still trying to reach one after 40 s went online
+        p = cli(["train", *TINY, "run.max_steps=1", "logger=wandb", "logger.console=false"], tmp_path, timeout=40,
+                WANDB_API_KEY=secrets.token_hex(20), WANDB_MODE="offline", WANDB_BASE_URL="http://127.0.0.1:9")
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run tried to reach a wandb server although WANDB_MODE=offline")
     assert p.returncode == 0, p.stderr[-2000:]
     (run_dir,) = EffrunResult(p, tmp_path / "out").run_dirs()
     assert list((run_dir / "wandb").glob("offline-run-*"))
