@@ -29,7 +29,8 @@ def cli(*args, env=None, cwd=None, timeout=120):
 def sweep(tmp_path_factory) -> Path:
     """A real multirun (none vs lora on llama-tiny, 2 steps each) written by the CLI."""
     root = tmp_path_factory.mktemp("sweep")
-    p = cli("-m", "recipe=lora_vs_full", *TINY, env={"EFFRUN_OUTPUT_ROOT": str(root)}, cwd=root, timeout=300)
+    p = cli("-m", "recipe=lora_vs_full", *TINY, "+recipe_info.baseline=lora", env={"EFFRUN_OUTPUT_ROOT": str(root)},
+            cwd=root, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     multirun = sorted(f.parent for f in root.rglob("multirun.yaml"))
     assert len(multirun) == 1, list(root.rglob("*"))
@@ -71,19 +72,19 @@ def test_report_cli_on_real_multirun(sweep, tmp_path):
     p = cli("report", str(sweep), "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0] == str(out / "report.md")
-    assert "| technique=lora |" in p.stdout and "| technique=none |" in p.stdout
+    assert "| lora |" in p.stdout and "| none |" in p.stdout  # labels: the differing override, shortened
 
     data = json.loads((out / "report.json").read_text())
     summaries = {json.loads((d / "summary.json").read_text())["technique"]: d for d in sorted(sweep.iterdir())
                  if (d / "summary.json").exists()}
-    assert [r["label"] for r in data["runs"]] == ["technique=none", "technique=lora"]
-    assert data["baseline"] == "technique=lora"  # default baseline: the lora run
+    assert [r["label"] for r in data["runs"]] == ["none", "lora"]
+    assert [r["overrides_varying"] for r in data["runs"]] == ["technique=none", "technique=lora"]
+    assert data["baseline"] == "lora" and data["baseline_from"] == "recipe_info.baseline"
     assert data["title"] == "LoRA vs full fine-tuning"
 
     main = data["main_table"]
-    sums = {lab: json.loads((summaries[lab.split("=")[1]] / "summary.json").read_text())
-            for lab in ("technique=none", "technique=lora")}
-    base = sums["technique=lora"]
+    sums = {lab: json.loads((summaries[lab] / "summary.json").read_text()) for lab in ("none", "lora")}
+    base = sums["lora"]
     for row in main["rows"]:
         s = sums[row[0]]
         cells = dict(zip(main["keys"], row))
@@ -95,14 +96,24 @@ def test_report_cli_on_real_multirun(sweep, tmp_path):
     # full fine-tuning trains every parameter, LoRA a fraction: the ratio says so
     none_row = dict(zip(main["keys"], main["rows"][0]))
     assert none_row["measured/params_trainable:ratio"] > 1
-    assert sums["technique=none"]["measured/params_trainable"] == sums["technique=none"]["measured/params_total"]
+    assert sums["none"]["measured/params_trainable"] == sums["none"]["measured/params_total"]
 
     md = (out / "report.md").read_text()
     assert md.startswith("# LoRA vs full fine-tuning")
     assert "No projected/ keys" in md
-    for name in ("loss", "step_time", "tokens_per_s", "peak_mem"):
+    for name in ("loss", "step_time", "tokens_per_s"):
         check_png(out / "plots" / f"{name}.png")
         assert f"(plots/{name}.png)" in md
+    # report.csv: one row per run, the summary's values
+    import csv
+
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["run"] for r in rows] == ["none", "lora"]
+    for r in rows:
+        s = sums[r["run"]]
+        assert float(r["measured/step_time_s"]) == s["measured/step_time_s"]
+        assert int(r["measured/params_trainable"]) == s["measured/params_trainable"]
+        assert r["status"] == "completed" and r["overrides"] == f"technique={r['run']}"
 
 
 def test_report_status_projected_and_technique_metrics(sweep, tmp_path):
@@ -128,23 +139,25 @@ def test_report_status_projected_and_technique_metrics(sweep, tmp_path):
                             "measured/bytes_per_level": {"node": 30, "rack": 40}},
               rows=rows, overrides=["+technique=hybrimoe", "technique.cache_size=2", *base])
     out = tmp_path / "rep"
-    data = build_report([sweep, extra], out=out, baseline="technique=hybrimoe,technique.cache_size=2")
+    data = build_report([sweep, extra], out=out, baseline="technique.cache_size=2")
 
     labels = [r["label"] for r in data["runs"]]
-    assert labels[-3:] == ["technique=hybrimoe", "technique=hybrimoe,technique.cache_size=2", "technique=paca"]
+    assert labels[-3:] == ["hybrimoe", "hybrimoe, cache_size=2", "paca"]
     status = {row[0]: dict(zip(data["status_table"]["columns"], row)) for row in data["status_table"]["rows"]}
-    assert status["technique=paca"]["status"] == "failed"
-    assert status["technique=paca"]["error"] == "RuntimeError: out of memory"
+    assert status["paca"]["status"] == "failed"
+    assert status["paca"]["error"] == "RuntimeError: out of memory"
+    assert status["hybrimoe, cache_size=2"]["overrides"] == "technique=hybrimoe,technique.cache_size=2"
     md = (out / "report.md").read_text()
-    assert "| technique=paca | failed |" in md and "RuntimeError: out of memory" in md
+    assert "| paca | technique=paca | failed |" in md and "RuntimeError: out of memory" in md
 
-    # explicit baseline: ratios are against run b
+    # explicit baseline (an override of one run): ratios are against run b
+    assert data["baseline"] == "hybrimoe, cache_size=2" and data["baseline_from"] == "--baseline"
     main = {row[0]: dict(zip(data["main_table"]["keys"], row)) for row in data["main_table"]["rows"]}
-    assert main["technique=hybrimoe,technique.cache_size=2"]["measured/step_time_s:ratio"] == 1.0
-    lora = main["technique=lora"]
+    assert main["hybrimoe, cache_size=2"]["measured/step_time_s:ratio"] == 1.0
+    lora = main["lora"]
     assert lora["measured/step_time_s:ratio"] == pytest.approx(lora["measured/step_time_s"] / 0.5)
-    assert main["technique=paca"]["measured/step_time_s"] is None
-    assert main["technique=paca"]["measured/step_time_s:ratio"] is None
+    assert main["paca"]["measured/step_time_s"] is None
+    assert main["paca"]["measured/step_time_s:ratio"] is None
 
     measured_keys = {row[0] for row in data["measured_table"]["rows"]}
     projected_keys = {row[0] for row in data["projected_table"]["rows"]}
@@ -162,9 +175,10 @@ def test_report_status_projected_and_technique_metrics(sweep, tmp_path):
     assert table["measured/bytes_per_level.rack"][-3:] == [20, 40, None]
 
     plots = {Path(p).name for p in data["plots"]}
-    assert {"measured_cache_hit_rate.png", "projected_step_time_s.png", "step_cache_hit_rate.png",
+    assert {"measured_cache_hit_rate.png", "projected_step_time_s.png",
             "measured_bytes_per_level.node.png"} <= plots
-    assert "measured_only_here.png" not in plots
+    assert "measured_only_here.png" not in plots  # one run has it: nothing to compare
+    assert "step_cache_hit_rate.png" in plots  # a per-step field of two runs that changes per step
     for p in data["plots"]:
         check_png(Path(p))
 
@@ -175,7 +189,7 @@ def test_labels_fall_back_to_technique_then_dir(tmp_path):
     write_run(tmp_path / "x" / "r2", {**s, "techniques": ["lora"]})
     data = build_report([tmp_path / "x"], out=tmp_path / "o1", plots=False)
     assert [r["label"] for r in data["runs"]] == ["dora", "lora"]
-    assert data["baseline"] == "lora"
+    assert data["baseline"] == "dora" and data["baseline_from"] == "first completed run"  # no hard-coded lora
     write_run(tmp_path / "y" / "r1", {**s, "techniques": ["dora"]})
     write_run(tmp_path / "y" / "r2", {**s, "techniques": ["dora"]})
     data = build_report([tmp_path / "y"], out=tmp_path / "o2", plots=False)
@@ -195,11 +209,77 @@ def test_report_default_out_and_bad_input(tmp_path):
         assert "Traceback" not in p.stderr
     run = write_run(tmp_path / "one", {"status": "completed", "techniques": ["none"]})
     p = cli("report", str(run), "--baseline", "missing-label")
-    assert p.returncode == 2 and "--baseline" in p.stderr and "valid: none" in p.stderr
+    assert p.returncode == 2 and "--baseline" in p.stderr and "valid: none" in p.stderr, p.stderr
     with pytest.raises(UserError):
         build_report([run], baseline="missing-label", plots=False)
     data = build_report([run], plots=False)
     assert Path(data["report_md"]) == run / "report" / "report.md"
+
+
+def _run(d: Path, label_value: str, **summary) -> Path:
+    s = {"status": "completed", "techniques": ["paca"], "mode": "train", **summary}
+    rows = [{"step": i, "loss": 5.0 - 0.1 * i, "step_time_s": 0.1, "tokens": 64} for i in range(3)]
+    return write_run(d, s, rows=rows, overrides=["+technique=paca", f"run.lr={label_value}", "run.max_steps=6"])
+
+
+def test_readability_only_what_varies_eval_bars_short_labels(tmp_path):
+    """Issue 13 point 8: configuration echoes (constant) get no chart, eval loss before/after as bars,
+    labels are the differing overrides shortened, long labels do not overlap."""
+    root = tmp_path / "sweep"
+    for i, lr in enumerate(("0.001", "0.003", "0.01")):
+        _run(root / str(i), lr, **{"measured/step_time_s": 0.1 * (i + 1), "measured/tokens_per_s": 100.0 / (i + 1),
+                                   "measured/peak_mem_mb": 300.0, "measured/paca_r": 16, "measured/paca_layers": 14,
+                                   "measured/eval_loss": 4.9 - 0.1 * i, "measured/eval_loss_start": 5.2,
+                                   "measured/grad_norm": 1.0 + i})
+    data = build_report([root], out=tmp_path / "rep")
+    assert [r["label"] for r in data["runs"]] == ["lr=0.001", "lr=0.003", "lr=0.01"]
+    plots = {Path(p).name for p in data["plots"]}
+    assert "measured_paca_r.png" not in plots and "measured_paca_layers.png" not in plots
+    assert "peak_mem.png" not in plots  # the same in every run
+    assert {"loss.png", "step_time.png", "tokens_per_s.png", "measured_grad_norm.png"} <= plots
+    for p in data["plots"]:
+        check_png(Path(p))
+
+
+def test_bar_labels_never_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from effrun.report import barh
+
+    labels = [f"technique=paca,run.lr={lr},data.seq_len={s},model=llama-tiny" for lr in (1e-3, 3e-3) for s in (64, 128, 256)]
+    fig = barh(labels, [("measured/step_time_s", [0.1 * (i + 1) for i in range(len(labels))])], "step time", "s")
+    fig.tight_layout()
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert len(boxes) == len(labels)
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), (a, b)
+    fw, fh = fig.get_size_inches() * fig.dpi
+    assert all(b.x0 >= 0 and b.y0 >= 0 and b.y1 <= fh for b in boxes)  # inside the figure, not cut off
+    plt.close(fig)
+
+
+def test_markup_in_titles_and_labels_is_escaped(tmp_path, capsys):
+    from effrun.cli import main
+
+    root = tmp_path / "m"
+    title = "Hi\n# injected heading\n<script>alert(1)</script> [click](http://evil) **bold** $\\notacommand$"
+    for i, v in enumerate(("$\\notacommand$", "<img src=x onerror=alert(1)>|x")):
+        d = _run(root / str(i), v, **{"measured/step_time_s": 0.1 * (i + 1)})
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"recipe_info": {"title": title}}))
+    assert main(["report", str(root)]) == 0, capsys.readouterr().err
+    md = (root / "report" / "report.md").read_text()
+    first = md.splitlines()[0]
+    assert first.startswith("# Hi # injected heading &lt;script&gt;") and "\\[click\\](http://evil)" in first
+    assert "<script>" not in md and "<img" not in md and "\\*\\*bold\\*\\*" in first
+    assert sum(1 for line in md.splitlines() if line.startswith("# ")) == 1
+    assert "lr=&lt;img src=x onerror=alert(1)&gt;\\|x" in md  # the | does not break the table row
+    for p in (root / "report" / "plots").iterdir():  # mathtext off: the label is drawn as typed
+        check_png(p)
 
 
 def test_import_is_light():

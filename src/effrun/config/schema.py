@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional
 @dataclass
 class LinkLevel:
     name: str = "link"
-    group_size: int = 1          # devices sharing this level (e.g. 2 GCDs, 8 GPUs, all nodes)
-    bandwidth_GBps: float = 1.0  # per direction, per device
-    latency_us: float = 1.0
+    group_size: int = field(default=1, metadata={"range": "[1, inf)"})          # devices sharing this level (e.g. 2 GCDs, 8 GPUs, all nodes)
+    bandwidth_GBps: float = field(default=1.0, metadata={"range": "(0, inf)"})  # per direction, per device
+    latency_us: float = field(default=1.0, metadata={"range": "[0, inf)"})
 
 
 @dataclass
@@ -23,17 +23,17 @@ class HardwareConfig:
     description: str = ""
     kind: str = "cpu"  # cpu | cuda | rocm | hpu | fpga | browser
     # peak dense TFLOPS by dtype name; null where unknown (MFU then reported as null)
-    peak_tflops: Dict[str, Optional[float]] = field(default_factory=dict)
-    memory_gb: Optional[float] = None
-    memory_bw_GBps: Optional[float] = None
+    peak_tflops: Dict[str, Optional[float]] = field(default_factory=dict, metadata={"range": "(0, inf)"})
+    memory_gb: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})
+    memory_bw_GBps: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})
     # host <-> device link (PCIe) for offload/hybrid techniques; null for host-only targets
     host_link: Optional[LinkLevel] = None
     # interconnect levels from the innermost (die/package) to the outermost (cluster)
     links: List[LinkLevel] = field(default_factory=list)
-    host_cpu_cores: Optional[int] = None
-    host_cpu_gflops: Optional[float] = None
+    host_cpu_cores: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
+    host_cpu_gflops: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})
     # effective host memory bandwidth of CPU expert/GEMV kernels (what a CPU-side MoE reaches)
-    host_cpu_mem_bw_GBps: Optional[float] = None
+    host_cpu_mem_bw_GBps: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -41,20 +41,20 @@ class HardwareConfig:
 class ParallelismConfig:
     name: str = "single"
     description: str = ""
-    world_size: int = 1
+    world_size: int = field(default=1, metadata={"range": "[1, inf)"})
     # inprocess: one process; spawn: effrun starts world_size local processes;
     # env: ranks come from the environment (torchrun, Slurm tasks)
     launcher: str = "inprocess"
     backend: str = "auto"  # auto -> nccl with CUDA, gloo otherwise
-    nodes: int = 1
-    devices_per_node: int = 1
-    subdevices_per_device: int = 1
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-    zero_stage: int = 0
+    nodes: int = field(default=1, metadata={"range": "[1, inf)"})
+    devices_per_node: int = field(default=1, metadata={"range": "[1, inf)"})
+    subdevices_per_device: int = field(default=1, metadata={"range": "[1, inf)"})
+    dp: int = field(default=1, metadata={"range": "[1, inf)"})
+    tp: int = field(default=1, metadata={"range": "[1, inf)"})
+    pp: int = field(default=1, metadata={"range": "[1, inf)"})
+    cp: int = field(default=1, metadata={"range": "[1, inf)"})
+    ep: int = field(default=1, metadata={"range": "[1, inf)"})
+    zero_stage: int = field(default=0, metadata={"range": "[0, 3]"})
 
 
 @dataclass
@@ -66,43 +66,43 @@ class LoggerConfig:
     # auto: online if WANDB_API_KEY is set, offline otherwise
     wandb_mode: str = "auto"
     wandb_project: str = "effrun"
-    log_every: int = 1
+    log_every: int = field(default=1, metadata={"range": "[1, inf)"})
 
 
 @dataclass
 class RunConfig:
     name: str = ""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
-    threads: Optional[int] = None
-    max_steps: int = 10
-    warmup_steps: int = 2  # excluded from throughput
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
+    threads: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
+    max_steps: int = field(default=10, metadata={"range": "[1, inf)"})
+    warmup_steps: int = field(default=2, metadata={"range": "[0, inf)"})  # excluded from throughput
+    grad_accum: int = field(default=1, metadata={"range": "[1, inf)"})
+    lr: float = field(default=1e-4, metadata={"range": "(0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"range": "[0, inf)"})
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={"range": "[0, inf)"})
     compile: bool = False
     grad_checkpointing: bool = False
-    chunked_ce: int = 0  # >0: cross-entropy over chunks of this many tokens (logits never fully saved)
-    eval_every: int = 0
+    chunked_ce: int = field(default=0, metadata={"range": "[0, inf)"})  # >0: cross-entropy over chunks of this many tokens (logits never fully saved)
+    eval_every: int = field(default=0, metadata={"range": "[0, inf)"})
     eval_at_start: bool = False
     eval_at_end: bool = True
-    checkpoint_every: int = 0
+    checkpoint_every: int = field(default=0, metadata={"range": "[0, inf)"})
     resume: bool = False
     export: bool = False
     measure_saved_bytes: bool = True
     find_max_seq_len: bool = False
-    memory_budget_gb: Optional[float] = None
-    max_seq_len_search: int = 8192
+    memory_budget_gb: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})
+    max_seq_len_search: int = field(default=8192, metadata={"range": "[1, inf)"})
     skip_completed: bool = False
     # infer
-    max_new_tokens: int = 16
+    max_new_tokens: int = field(default=16, metadata={"range": "[1, inf)"})
     prompt: str = "To be, or not to be"
     # sequences generated together (row r is the prompt rotated by r tokens)
-    infer_batch_size: int = 1
+    infer_batch_size: int = field(default=1, metadata={"range": "[1, inf)"})
     # test hook: exit hard after this many optimizer steps (simulates a kill)
-    crash_after_steps: Optional[int] = None
+    crash_after_steps: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Console: a live rich progress bar on a terminal, plain progress lines otherwise, a final table."""
+"""Console: a live rich progress bar on a terminal, plain progress lines otherwise, a final table.
+
+A run that fails prints no table: its error is the one line the user sees (the CLI prints it)."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +14,14 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def failing(summary) -> bool:
+    """The run is failing: its summary says so, or an exception is propagating through the caller
+    (sinks are closed from the run's `finally`)."""
+    if isinstance(summary, dict) and summary.get("status") == "failed":
+        return True
+    return sys.exc_info()[1] is not None
 
 
 class ConsoleSink:
@@ -47,15 +57,17 @@ class ConsoleSink:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        if failing(summary):
+            return
+        rows = [(k, summary[k]) for k in sorted(summary) if not isinstance(summary[k], (dict, list))]
+        if not rows:
+            return
         from rich.table import Table
 
         table = Table(title=f"{self.title}: summary")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k in sorted(summary):
-            v = summary[k]
-            if isinstance(v, (dict, list)):
-                continue
+        for k, v in rows:
             table.add_row(k, _fmt(v))
         self.console.print(table)
 

@@ -26,7 +26,7 @@ class CausalLMModel:
     # "bytes" (vocab 256, no files needed), "asset" (the asset's tokenizer), "local" (the one at `path`)
     tokenizer: str = "bytes"
     hf_config: Dict[str, Any] = field(default_factory=dict)
-    init_seed: int = 0
+    init_seed: int = field(default=0, metadata={"range": "[0, inf)"})
 
 
 @dataclass
@@ -38,12 +38,12 @@ class CausalLMData:
     # instruct: the instruction set effrun writes itself; synthetic: random tokens (no files)
     kind: str = "text"
     path: Optional[str] = None
-    seq_len: int = 128
-    batch_size: int = 4
-    eval_fraction: float = 0.05
-    eval_batches: int = 2
-    max_chars: Optional[int] = 2_000_000
-    seed: int = 0
+    seq_len: int = field(default=128, metadata={"range": "[1, inf)"})
+    batch_size: int = field(default=4, metadata={"range": "[1, inf)"})
+    eval_fraction: float = field(default=0.05, metadata={"range": "(0, 1)"})
+    eval_batches: int = field(default=2, metadata={"range": "[1, inf)"})
+    max_chars: Optional[int] = field(default=2_000_000, metadata={"range": "[1, inf)"})
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
 
 
 def check(cfg) -> None:

@@ -20,13 +20,13 @@ class ImageModel:
     family: str = "image-classification"
     arch: str = "cnn"             # cnn | vit | efficientvit
     source: str = "random"        # random | shape (cost models only)
-    num_classes: int = 10
-    in_chans: int = 1
-    img_size: int = 28            # input resolution; data is resized to it
+    num_classes: int = field(default=10, metadata={"range": "[2, inf)"})
+    in_chans: int = field(default=1, metadata={"range": "[1, inf)"})
+    img_size: int = field(default=28, metadata={"range": "[1, inf)"})  # input resolution; data is resized to it
     params: Dict[str, Any] = field(default_factory=dict)  # the architecture's own parameters
     # infer: the speed protocol's execution backends, measured side by side (eager | trace | compile | onnx)
     infer_backends: List[str] = field(default_factory=lambda: ["eager"])
-    init_seed: int = 0
+    init_seed: int = field(default=0, metadata={"range": "[0, inf)"})
 
 
 @dataclass
@@ -35,10 +35,10 @@ class ImageData:
     description: str = ""
     family: str = "image-classification"
     kind: str = "mnist5k"
-    batch_size: int = 32
-    eval_fraction: float = 0.2    # held out, by a fixed seeded permutation
-    eval_batches: int = 0         # 0: the whole held-out split
-    seed: int = 0
+    batch_size: int = field(default=32, metadata={"range": "[1, inf)"})
+    eval_fraction: float = field(default=0.2, metadata={"range": "(0, 1)"})  # held out, by a seeded permutation
+    eval_batches: int = field(default=0, metadata={"range": "[0, inf)"})  # 0: the whole held-out split
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
 
 
 def check(cfg) -> None:
