@@ -66,6 +66,30 @@ class Experiment:
         if cfg.run.skip_completed and prior.get("status") == "completed":
             print(f"skip: {self.run_dir} already completed", file=sys.stderr)
             return prior
+        # one run per directory: the first rank (or the parent of spawned ranks) holds its lock for
+        # the whole run; a second run on it exits 2 naming the holder; the kernel drops it on a crash
+        lock = None
+        if self._first_rank():
+            from effrun.rundir import open_run
+
+            lock = open_run(self.run_dir)
+        try:
+            return self._run_locked()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _first_rank(self) -> bool:
+        p = self.cfg.parallelism
+        if p.launcher == "env" and p.world_size > 1:
+            from effrun.launch import env_rank
+
+            r = env_rank()
+            return r is None or r[0] == 0
+        return True
+
+    def _run_locked(self) -> Dict[str, Any]:
+        cfg = self.cfg
         self.run_id = ensure_run_id(self.run_dir, cfg)
         p = cfg.parallelism
         if p.launcher == "spawn" and p.world_size > 1:
@@ -89,18 +113,14 @@ class Experiment:
         return self._run_rank()
 
     def _run_spawned(self, n: int) -> Dict[str, Any]:
-        from effrun.launch import spawn
+        from effrun.launch import RankFailure, spawn
+        from effrun.rundir import mark_failed
 
         container = OmegaConf.to_container(self.cfg, resolve=True)
         try:
             spawn(_rank_worker, n, self._backend(), args=(container, str(self.run_dir)))
-        except UserError:
-            raise
-        except Exception as e:  # a rank died: the summary says so, whatever rank 0 wrote last
-            s = read_summary(self.run_dir) or {}
-            if s.get("status") not in ("completed", "failed", "requeued"):
-                s.update(status="failed", error=str(e), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                atomic_write_json(self.run_dir / SUMMARY, s)
+        except RankFailure as e:  # a rank died: the summary says which and why, whatever rank 0 wrote last
+            mark_failed(self.run_dir, str(e))
             raise
         return read_summary(self.run_dir) or {}
 

@@ -315,6 +315,11 @@ def run_command(mode: Optional[str], tokens: List[str], *, multirun: bool, dry_r
             if d:
                 kv = [*kv, f"hydra.run.dir={_quote(d)}"]
             kv = shared_run_dir(kv, cfg)
+            explicit = [o.split("=", 1)[1] for o in kv if _key_of(o) == "hydra.run.dir"]
+            if explicit:  # a dir effrun cannot write, or someone else's files: one line, before any work
+                from effrun.rundir import check_run_dir
+
+                check_run_dir(explicit[-1].strip("'\""), key="hydra.run.dir")
     if debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     from effrun import main as hydra_entry

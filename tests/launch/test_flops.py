@@ -95,10 +95,3 @@ def test_pacas_custom_op_with_the_linear_formula():
     m = B * t
     assert got == {"forward": _gemm(m, D_IN, D_H), "backward": _gemm(m, D_H, D_IN) + _gemm(D_H, m, r),
                    "total": _gemm(m, D_IN, D_H) + _gemm(m, D_H, D_IN) + _gemm(D_H, m, r)}
-
-
-def test_counted_mfu():
-    from effrun.metrics.flops import counted_mfu
-
-    assert counted_mfu(2e12, 0.5, 8.0) == pytest.approx(0.5)
-    assert counted_mfu(2e12, 0.5, None) is None

@@ -23,12 +23,9 @@ BAD = {
 }
 GROUPS = ("model", "data", "hardware", "parallelism", "logger", "recipe")
 INTERPOLATIONS = ("${run.nonexistent}", "${oc.env:EFFRUN_FUZZ_UNSET}", "${nope}")
-# keys compose.validate reads before effrun.config.validate_deep.check_resolves runs: an unresolvable
-# interpolation there still ends in a traceback (test_run_safety::test_unresolvable_interpolation_*
-# is the xfail for it); elsewhere interpolations are fuzzed like any other bad value
-READ_BY_COMPOSE_VALIDATE = {"mode", "parallelism.launcher", "parallelism.world_size", "parallelism.nodes",
-                            "parallelism.devices_per_node", "parallelism.subdevices_per_device", "model.source",
-                            "run.dtype", "run.device"}
+# compose_checked resolves every interpolation before anything reads a value, so interpolations are
+# fuzzed on every key (this set was the exception before that wiring landed)
+READ_BY_COMPOSE_VALIDATE: set = set()
 SYNTAX = ["run.lr==1", "=1", "run..lr=1", "run.lr=[", "run.lr=${", "+run=1", "~run", "run.lr=1,2",
           "run.nope=1", "+run.nope=1", "data.nope=", "mode=fly", "mode=", "hydra.run.dir=/proc/x",
           "run.lr=1e-3 2", "+technique=", "technique=lora", "recipe_info=5", "trace.record=2"]

@@ -1,9 +1,7 @@
 """Nothing lost, nobody in, through the real `effrun` CLI: concurrent resumes, corrupt checkpoints,
 stale temp files, run dirs that are not ours, dead ranks, file modes, secrets, and the small ones.
 
-Tests marked xfail(strict=True) need wiring outside this engineer's files; each reason names the
-function to call and from where. They flip to failures (XPASS) the moment the wiring lands, so the
-marker must then be removed.
+(Every case here once waited on wiring outside the reliability code; all of it has landed.)
 """
 from __future__ import annotations
 
@@ -26,15 +24,6 @@ from tests.conftest import EffrunResult
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model=llama-tiny", "data=synthetic", "data.seq_len=32", "data.batch_size=2", "run.warmup_steps=0",
         "run.eval_at_end=false", "run.measure_saved_bytes=false", "logger=quiet", "run.threads=1"]
-
-WIRING_LOCK = ("needs lead wiring: Experiment.run (main rank / spawn parent) holds "
-               "`lock = effrun.rundir.open_run(self.run_dir)` from before ensure_run_id until the run ends")
-WIRING_CKPT = ("needs lead wiring: loops/checkpoint.py saves with effrun.durable.save_torch + prune and resumes with "
-               "`path, state = effrun.durable.newest_intact(run_dir / 'checkpoints')`")
-WIRING_FRONT = ("needs wiring in frontend.run_command (issue 13 / lead): call "
-                "effrun.rundir.check_run_dir(<hydra.run.dir override>) before hydra_main")
-WIRING_RANK = ("needs lead wiring: Experiment._run_spawned catches effrun.launch.RankFailure and calls "
-               "effrun.rundir.mark_failed(self.run_dir, str(exc)) before re-raising")
 
 
 def env(tmp_path, **extra):
@@ -71,7 +60,6 @@ def killed_run(tmp_path, steps=6, crash=2, extra=()) -> Path:
 
 # --- two runs, one directory ------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(reason=WIRING_LOCK, strict=True)
 def test_two_concurrent_resumes_one_runs_the_other_exits_2_naming_the_holder(tmp_path):
     run_dir = killed_run(tmp_path, steps=300)
     args = [sys.executable, "-m", "effrun.cli", "train", *TINY, "run.max_steps=300", "run.checkpoint_every=1",
@@ -97,14 +85,13 @@ def test_two_concurrent_resumes_one_runs_the_other_exits_2_naming_the_holder(tmp
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-@pytest.mark.xfail(reason=WIRING_CKPT, strict=True)
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     run_dir = killed_run(tmp_path, steps=5, crash=3)
-    newest = run_dir / "checkpoints" / "step_3.pt"
+    newest = run_dir / "checkpoints" / "step_3" / "rank_0.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn by a crash of the machine
     p = cli(["train", *TINY, "run.max_steps=5", "run.checkpoint_every=1", "run.resume=true"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "warning: checkpoint step_3.pt is unusable" in p.stderr and "resuming from step_2.pt" in p.stderr
+    assert "warning: checkpoint step_3 is unusable" in p.stderr and "falling back" in p.stderr
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["measured/resumed_from_step"] == 2
     ref = cli(["train", *TINY, "run.max_steps=5", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
@@ -112,7 +99,6 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "ref")]
 
 
-@pytest.mark.xfail(reason=WIRING_LOCK, strict=True)
 def test_stale_temp_files_are_cleaned_on_resume(tmp_path):
     run_dir = killed_run(tmp_path, steps=3, crash=1)
     planted = [run_dir / "checkpoints" / ".step_2.pt.k3j2h1.tmp", run_dir / ".summary.json.x8y7.tmp"]
@@ -124,13 +110,11 @@ def test_stale_temp_files_are_cleaned_on_resume(tmp_path):
 
 
 # --- run dirs that are not ours -------------------------------------------------------------------
-@pytest.mark.xfail(reason=WIRING_FRONT, strict=True)
 def test_unwritable_run_dir_is_one_line(tmp_path):
     line = one_error_line(cli(["train", *TINY, "run.max_steps=1", "hydra.run.dir=/proc/x"], tmp_path))
     assert line.startswith("error: hydra.run.dir: ") and "/proc" in line
 
 
-@pytest.mark.xfail(reason=WIRING_LOCK + " (it calls rundir.check_run_dir first)", strict=True)
 def test_existing_directory_that_is_not_a_run_is_refused_and_untouched(tmp_path):
     mine = tmp_path / "thesis"
     (mine / "checkpoints").mkdir(parents=True)
@@ -165,7 +149,6 @@ def _rank_pids(parent: int):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=WIRING_RANK, strict=True)
 def test_a_killed_rank_marks_the_run_failed_with_its_cause(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "effrun.cli", "train", *TINY, "parallelism=ddp2", "run.max_steps=400"],
                          env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -235,7 +218,6 @@ def test_slurm_sweep_files_hold_no_secrets(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 13 (sinks/wandb_sink.py): logger.wandb_mode=auto must respect WANDB_MODE", strict=True)
 def test_wandb_auto_respects_wandb_mode_offline(tmp_path):
     try:  # offline needs no server: a run that is still trying to reach one after 40 s went online
         p = cli(["train", *TINY, "run.max_steps=1", "logger=wandb", "logger.console=false"], tmp_path, timeout=40,
@@ -248,8 +230,6 @@ def test_wandb_auto_respects_wandb_mode_offline(tmp_path):
 
 
 # --- the small ones -------------------------------------------------------------------------------
-@pytest.mark.xfail(reason="issue 13 (frontend.run_command): parse the run.resume override value (True, yes, 1)",
-                   strict=True)
 def test_resume_true_with_capital_t_resumes(tmp_path):
     run_dir = killed_run(tmp_path, steps=4, crash=2)
     p = cli(["train", *TINY, "run.max_steps=4", "run.checkpoint_every=1", "run.resume=True"], tmp_path)
@@ -258,9 +238,6 @@ def test_resume_true_with_capital_t_resumes(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["measured/resumed_from_step"] == 2
 
 
-@pytest.mark.xfail(reason="issue 13 (config/compose.py): compose_checked should call "
-                          "effrun.config.validate_deep.check_resolves(cfg) before compose.validate reads values",
-                   strict=True)
 @pytest.mark.parametrize("cmd", [["validate", "train"], ["-m", "--dry-run", "train"]])
 def test_unresolvable_interpolation_is_one_line(tmp_path, cmd):
     p = cli([*cmd, "model=llama-tiny", "parallelism.world_size=${run.nonexistent}"], tmp_path)
@@ -283,8 +260,6 @@ def test_text_data_must_be_text(tmp_path):
     assert "is not a text file" in one_error_line(p)
 
 
-@pytest.mark.xfail(reason="zeropp3 owner (techniques/zeropp3/__init__.py check): a missing "
-                          "technique.calibrate_from file must be one line, exit 2", strict=True)
 def test_zeropp3_missing_calibration_file_is_one_line(tmp_path):
     p = cli(["plan", "+technique=zeropp3", "model=gpt-20b", "hardware=mi250x-gcd",
              f"technique.calibrate_from={tmp_path / 'nope.json'}"], tmp_path)
@@ -301,16 +276,12 @@ def _trace(path: Path, layers: int, tokens: int = 64, experts: int = 8) -> Path:
 EXFLOW = ["plan", "+technique=exflow", "model=mixtral-tiny", "technique.devices=2", "technique.time_limit_s=2"]
 
 
-@pytest.mark.xfail(reason="moe owner (moe/trace.py RoutingTrace.load): a truncated .npz must be one line, "
-                          "exit 2 (zipfile.BadZipFile is not caught)", strict=True)
 def test_truncated_trace_is_one_line(tmp_path):
     f = _trace(tmp_path / "t.npz", layers=2)
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     assert "technique.trace" in one_error_line(cli([*EXFLOW, f"technique.trace={f}"], tmp_path))
 
 
-@pytest.mark.xfail(reason="exflow owner (moe/plugin_base.py check_common or the plan loop): a trace with more "
-                          "MoE layers than the model must be refused in plan mode too", strict=True)
 def test_exflow_plan_refuses_a_trace_for_another_model(tmp_path):
     f = _trace(tmp_path / "t5.npz", layers=5)
     line = one_error_line(cli([*EXFLOW, f"technique.trace={f}"], tmp_path))
@@ -319,8 +290,7 @@ def test_exflow_plan_refuses_a_trace_for_another_model(tmp_path):
 
 @pytest.mark.parametrize("strategy", [
     "naive", "balance",
-    pytest.param("static", marks=pytest.mark.xfail(
-        reason="bytescale owner (planner.plan_static): max() of an empty batch", strict=True))])
+    "static"])
 def test_bytescale_plans_an_empty_batch(strategy):
     from effrun.techniques.bytescale.planner import Cost, make_plan
 

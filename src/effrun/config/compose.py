@@ -154,6 +154,9 @@ def compose_checked(overrides: List[str], hydra_cfg: bool = False) -> DictConfig
     except Exception as exc:  # hydra raises several unrelated types; all are bad input here
         raise _translate(exc, overrides) from exc
     check_strict(cfg)
+    from effrun.config.validate_deep import check_resolves
+
+    check_resolves(cfg)  # an interpolation that does not resolve: one line, before anything reads it
     return cfg
 
 

@@ -66,7 +66,6 @@ class LoggerConfig:
     # auto: online if WANDB_API_KEY is set, offline otherwise
     wandb_mode: str = "auto"
     wandb_project: str = "effrun"
-    log_every: int = field(default=1, metadata={"range": "[1, inf)"})
 
 
 @dataclass

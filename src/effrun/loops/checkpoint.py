@@ -3,21 +3,21 @@ RNG, step, batch-plan and technique state.
 
 Layout: <run_dir>/checkpoints/step_<N>/rank_<r>.pt plus a `complete` marker that rank 0 writes
 after every rank's file is durable. A non-sharded engine's state is written by rank 0 only and
-read by every rank. Files are written to a unique temp name, fsynced, renamed, and the directory
-fsynced; loading uses `torch.load(weights_only=True)`. Resume takes the newest complete checkpoint
-that every rank can read, falling back to older ones with a warning; the last `keep` stay.
+read by every rank. Files go through effrun.durable (a unique temp name, fsync of file and
+directory, rename); loading is `torch.load(weights_only=True)` after a CRC check of the zip, and
+only of files that are ours (not symlinks). Resume takes the newest complete checkpoint that every
+rank can read, falling back to older ones with a warning; the last `keep` stay.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from effrun import durable
 from effrun.rundir import CKPT_DIR
 
 COMPLETE = "complete"
@@ -48,28 +48,6 @@ def latest(run_dir) -> Optional[Path]:
     return ds[0] if ds else None
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _durable_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _rank_file(d: Path, rank: int, sharded: bool) -> Path:
@@ -88,14 +66,10 @@ def save(ctx, step: int, engine, plan, techniques, keep: int = 2) -> Path:
     state = {"step": step, "engine": engine.state_dict(), "rng": torch.get_rng_state(),
              "plan": plan.state_dict(), "techniques": {t.name: t.state_dict() for t in techniques}}
     if engine.sharded_checkpoint or ctx.is_main:
-        _durable_save(state, _rank_file(d, ctx.rank, engine.sharded_checkpoint))
+        durable.save_torch(state, _rank_file(d, ctx.rank, engine.sharded_checkpoint))
     ctx.barrier()
     if ctx.is_main:
-        with open(d / COMPLETE, "w") as f:
-            f.write(f"{step} {ctx.world_size}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(d)
+        durable.atomic_write_text(d / COMPLETE, f"{step} {ctx.world_size}\n")
         _prune(ctx.run_dir, keep)
     return d
 
@@ -108,25 +82,28 @@ def _prune(run_dir, keep: int) -> None:
     for d in _root(run_dir).glob("step_*"):  # torn checkpoints older than the newest complete one
         if d.is_dir() and not (d / COMPLETE).exists() and _step_of(d) < newest:
             shutil.rmtree(d, ignore_errors=True)
-    for tmp in _root(run_dir).glob("step_*/.*.tmp"):  # temp files a killed writer left
-        if _step_of(tmp.parent) < newest:
-            tmp.unlink(missing_ok=True)
+    for sub in _root(run_dir).glob("step_*"):  # temp files a killed writer left
+        if _step_of(sub) < newest:
+            durable.clean_stale_temps(sub)
 
 
 def load(ctx, engine, plan, techniques) -> int:
     """Resume from the newest complete checkpoint every rank can read; returns its step (0: none)."""
     for d in complete_steps(ctx.run_dir):
         state, err = None, None
-        try:
-            state = torch.load(_rank_file(d, ctx.rank, engine.sharded_checkpoint), map_location="cpu",
-                               weights_only=True)
-        except Exception as e:  # truncated / corrupt / unreadable: try the previous one
-            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        f = _rank_file(d, ctx.rank, engine.sharded_checkpoint)
+        if not durable.owned_by_me(f) or not durable.owned_by_me(d):
+            err = "a symlink" if os.path.islink(f) or os.path.islink(d) else "not owned by you (or missing)"
+        else:
+            try:
+                state = durable.load_torch(f)
+            except durable.CorruptCheckpoint as e:  # torn / bad CRC / unsafe: try the previous one
+                err = str(e)
         ok = ctx.all_reduce([0.0 if state is None else 1.0], op="min")[0] == 1.0
         if not ok:
             if ctx.is_main:
-                print(f"warning: checkpoint {d} is unreadable ({err or 'on another rank'}); "
-                      "falling back to an older one", file=sys.stderr)
+                durable.warn(f"warning: checkpoint {d.name} is unusable ({err or 'on another rank'}); "
+                             "falling back to an older one")
             continue
         engine.load_state_dict(state["engine"])
         if hasattr(engine, "load_native"):

@@ -90,11 +90,3 @@ def linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     for d in x_shape[:-1]:
         tokens *= int(d)
     return 2 * tokens * int(x_shape[-1]) * int(w_shape[0])
-
-
-def counted_mfu(flops_per_step: Optional[float], step_time_s: Optional[float],
-                peak_tflops: Optional[float]) -> Optional[float]:
-    """MFU from counted FLOPs: flops per optimizer step / step time / peak."""
-    if not flops_per_step or not step_time_s or not peak_tflops:
-        return None
-    return flops_per_step / step_time_s / (peak_tflops * 1e12)

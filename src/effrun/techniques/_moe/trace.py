@@ -23,6 +23,7 @@ the model it is used with. ExFlow's own trace (``[tokens, layers]`` top-1 ids) i
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -122,8 +123,8 @@ class RoutingTrace:
                 meta = json.loads(str(z["meta"]))
                 tr = cls(z["experts"], int(meta["num_experts"]), z["weights"],
                          z["row"] if "row" in z else None, z["call"] if "call" in z else None, meta)
-        except (KeyError, ValueError, OSError) as e:
-            raise UserError(f"{path} is not an effrun routing trace ({e})", key=key) from e
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # torn / foreign files
+            raise UserError(f"{path} is not an effrun routing trace ({type(e).__name__}: {e})", key=key) from None
         if tr.num_tokens == 0:
             raise UserError(f"the routing trace {path} is empty (0 tokens)", key=key)
         return tr

@@ -427,16 +427,16 @@ def plan_static(lengths: Sequence[int], world: int, capacity: int, cost: Cost, c
     if capacity < 2 * min_chunk:
         raise UserError(f"capacity C={capacity} tokens is smaller than 2 x min_chunk = {2 * min_chunk}",
                         key="technique.capacity")
-    cp = cp or static_cp_for(max(lengths), world, capacity)
+    cp = cp or static_cp_for(max(lengths, default=1), world, capacity)
     if world % cp:
         raise UserError(f"static CP degree {cp} does not divide world size {world}", key="technique.static_cp")
-    if max(-(-s // (2 * cp)) * 2 * cp for s in lengths) > cp * capacity:
+    if max((-(-s // (2 * cp)) * 2 * cp for s in lengths), default=0) > cp * capacity:
         raise UserError(f"a sequence of {max(lengths)} tokens exceeds the CP group's capacity "
                         f"{cp} x C={capacity} = {cp * capacity}", key="technique.static_cp")
     dp = world // cp
     # next-fit packing in data order into micro-batches of cp*C tokens, dealt to DP groups in turn;
     # a sequence counts as padded to a multiple of 2cp (Megatron CP), so no rank exceeds C
-    mbs: List[List[int]] = [[]]
+    mbs: List[List[int]] = [[]] if lengths else []  # an empty batch plans no micro-batch
     fill = 0
     for i, s in enumerate(lengths):
         padded = -(-s // (2 * cp)) * 2 * cp

@@ -62,13 +62,9 @@ _paca_linear_op.register_autograd(_backward, setup_context=_setup)
 def _register_flops() -> None:
     """FlopCounterMode sees a custom op as 0 FLOPs: its forward is one GEMM (2 * rows * in * out);
     the backward's matmuls (dx, dP) are ordinary ops and are counted as they run."""
-    from math import prod
+    from effrun.metrics.flops import linear_flops, register_op_flops
 
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.effrun.paca_linear)
-    def _flops(x_shape, weight_shape, *args, **kwargs) -> int:
-        return 2 * prod(x_shape[:-1]) * x_shape[-1] * weight_shape[0]
+    register_op_flops(torch.ops.effrun.paca_linear, linear_flops)
 
 
 _register_flops()
