@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -184,6 +185,11 @@ def _finish(ctx, tr: Trainer) -> None:
     if run.eval_at_end:
         for k, v in tr.evaluate().items():
             rec.set(f"measured/{k}", v)
+        a, b = rec.summary.get("measured/eval_loss_start"), rec.summary.get("measured/eval_loss")
+        if a is not None and b is not None and ctx.is_main:
+            word = "fell" if b < a else "did not fall"
+            print(f"eval loss on held-out data: {a:.4f} -> {b:.4f} ({word} by {a - b:+.4f})", file=sys.stderr,
+                  flush=True)
     rec.update(tr.engine.summary())
     rec.update(tr.plan.summary())
     if run.export:
