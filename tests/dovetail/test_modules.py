@@ -71,6 +71,23 @@ def test_eagle_loss_equals_reference(target):
     assert not torch.allclose(pred2[:, 5:], pred[:, 5:])
 
 
+def test_ce_subset_is_the_rescaled_subset_sum(target):
+    """ce_mask: CE only at the chosen positions, its sum rescaled by valid/selected."""
+    draft = DraftHead.for_target(target, "fc", 1, seed=2).double()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    feats = target_features(target, ids)
+    full_ce, n = eagle_loss(draft, feats, ids, reg_weight=0.0, ce_weight=1.0)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 1] = mask[1, 4] = mask[1, 5] = True
+    sub, n2 = eagle_loss(draft, feats, ids, reg_weight=0.0, ce_weight=1.0, ce_mask=mask)
+    pred = draft(feats[:, :-1], ids[:, 1:], torch.arange(6)[None].expand(2, -1))
+    W = target.lm_head.weight
+    per = -(torch.softmax(feats[:, 1:] @ W.T, -1) * torch.log_softmax(pred @ W.T, -1)).sum(-1)
+    assert n == n2 == 12
+    assert float(full_ce) == pytest.approx(float(per.sum()), rel=1e-10)
+    assert float(sub) == pytest.approx(float(per[mask].sum()) * 12 / 3, rel=1e-10)
+
+
 def test_train_module_trains_only_the_draft(target):
     from tests.dovetail.conftest import tiny_target
 

@@ -50,6 +50,9 @@ class DovetailConfig:
     # uniform noise of this width added to the target features the draft reads in training (EAGLE
     # trains with such noise so the head tolerates its own feature errors deep in the tree); 0: off
     feature_noise: float = 0.0
+    # fraction of positions (random each step) that get the cross-entropy term; its sum is rescaled
+    # (unbiased). 1.0 = EAGLE exactly; less cuts the lm_head cost that dominates training on a CPU
+    ce_fraction: float = 1.0
     init_seed: int = 0
 
 
@@ -82,6 +85,8 @@ def validate_fields(node) -> None:
     for k in ("reg_weight", "ce_weight", "feature_noise"):
         if float(getattr(node, k)) < 0:
             raise UserError(f"{k}={getattr(node, k)}: must be >= 0", key=f"technique.{k}")
+    if not 0.0 < float(node.ce_fraction) <= 1.0:
+        raise UserError(f"ce_fraction={node.ce_fraction}: must be in (0, 1]", key="technique.ce_fraction")
     if float(node.reg_weight) == 0 and float(node.ce_weight) == 0:
         raise UserError("reg_weight and ce_weight are both 0: nothing to train", key="technique.ce_weight")
 

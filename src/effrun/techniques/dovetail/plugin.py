@@ -61,7 +61,7 @@ class Dovetail(Technique):
         return [p for p in model.draft.parameters() if p.requires_grad]
 
     def loss(self, model, batch):
-        return model.loss(batch, self.cfg.reg_weight, self.cfg.ce_weight, self.cfg.feature_noise)
+        return model.loss(batch, self.cfg.reg_weight, self.cfg.ce_weight, self.cfg.feature_noise, self.cfg.ce_fraction)
 
     # --- infer seams ----------------------------------------------------------------------------
     def decoding(self):

@@ -29,17 +29,36 @@ def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
     return dec(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def target_next_probs(draft: DraftHead, feats: torch.Tensor) -> torch.Tensor:
-    """The target's next-token distribution at positions 1..T-1 (softmax of its lm_head), [B,T-1,V]."""
+def target_next_probs(draft: DraftHead, feats: torch.Tensor, ce_mask: torch.Tensor = None) -> torch.Tensor:
+    """The target's next-token distribution (softmax of its lm_head) at positions 1..T-1 [B,T-1,V],
+    or only at the positions `ce_mask` [B,T-1] selects ([M,V])."""
+    tgt = feats[:, 1:] if ce_mask is None else feats[:, 1:][ce_mask]
     with torch.no_grad():
-        return F.softmax(draft.logits(feats[:, 1:]).to(torch.promote_types(feats.dtype, torch.float32)), dim=-1)
+        return F.softmax(draft.logits(tgt).to(torch.promote_types(feats.dtype, torch.float32)), dim=-1)
+
+
+def ce_positions(valid: torch.Tensor, fraction: float, generator: torch.Generator = None) -> torch.Tensor:
+    """A random subset (each valid position with probability `fraction`, at least one) of the
+    positions that get the cross-entropy term; 1.0 -> all."""
+    if fraction >= 1.0:
+        return valid
+    r = torch.rand(valid.shape, generator=generator, device=valid.device) < fraction
+    sel = r & valid
+    if not sel.any():
+        sel = valid & (torch.cumsum(valid.flatten(), 0) == 1).view_as(valid)
+    return sel
 
 
 def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor = None,
                reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
-               generator: torch.Generator = None, target_probs: torch.Tensor = None) -> Tuple[torch.Tensor, int]:
+               generator: torch.Generator = None, target_probs: torch.Tensor = None,
+               ce_mask: torch.Tensor = None) -> Tuple[torch.Tensor, int]:
     """(loss_sum, count) of the draft on one batch given the target's features [B,T,H].
-    `target_probs`: `target_next_probs(...)` when several drafts share one batch."""
+
+    `ce_mask` [B,T-1]: positions that get the cross-entropy term (default: all valid ones); the CE
+    sum over them is scaled by valid/selected, an unbiased estimate of the all-position sum at a
+    fraction of the lm_head cost (the vocabulary projection dominates training on CPU).
+    `target_probs`: `target_next_probs(draft, feats, ce_mask)` when several drafts share a batch."""
     B, T = input_ids.shape
     if T < 2:
         raise ValueError("EAGLE training needs blocks of at least 2 tokens")
@@ -52,15 +71,18 @@ def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, l
     pos = torch.arange(T - 1, device=input_ids.device)[None].expand(B, -1)
     pred = draft(src, nxt, pos)
     acc = torch.promote_types(pred.dtype, torch.float32)  # the loss in >= fp32 even for bf16 training
-    per = pred.new_zeros(B, T - 1, dtype=acc)
-    if reg_weight:
-        per = per + reg_weight * F.smooth_l1_loss(pred.to(acc), tgt.to(acc), reduction="none").mean(-1)
-    if ce_weight:
-        p_target = target_next_probs(draft, feats) if target_probs is None else target_probs
-        logq = F.log_softmax(draft.logits(pred).to(acc), dim=-1)
-        per = per - ce_weight * (p_target * logq).sum(-1)
     count = int(valid.sum())
-    return (per * valid).sum(), count
+    total = pred.new_zeros((), dtype=acc)
+    if reg_weight:
+        reg = F.smooth_l1_loss(pred.to(acc), tgt.to(acc), reduction="none").mean(-1)
+        total = total + reg_weight * (reg * valid).sum()
+    if ce_weight:
+        sel = valid if ce_mask is None else (ce_mask & valid)
+        p_target = target_next_probs(draft, feats, sel) if target_probs is None else target_probs
+        logq = F.log_softmax(draft.logits(pred[sel]).to(acc), dim=-1)
+        ce = -(p_target * logq).sum(-1)
+        total = total + ce_weight * ce.sum() * (count / max(1, int(sel.sum())))
+    return total, count
 
 
 class DovetailTrainModule(nn.Module):
@@ -78,10 +100,16 @@ class DovetailTrainModule(nn.Module):
         self.target.eval()  # the target never trains (no dropout either)
         return self
 
-    def loss(self, batch: dict, reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0):
-        feats = target_features(self.target, batch["input_ids"])
-        return eagle_loss(self.draft, feats, batch["input_ids"], batch.get("labels"), reg_weight, ce_weight,
-                          feature_noise)
+    def loss(self, batch: dict, reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
+             ce_fraction: float = 1.0):
+        ids = batch["input_ids"]
+        feats = target_features(self.target, ids)
+        mask = None
+        if ce_fraction < 1.0:
+            valid = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
+            mask = ce_positions(valid, ce_fraction)
+        return eagle_loss(self.draft, feats, ids, batch.get("labels"), reg_weight, ce_weight, feature_noise,
+                          ce_mask=mask)
 
     @torch.no_grad()
     def accuracy(self, batch: dict) -> Tuple[int, int]:
