@@ -1,30 +1,36 @@
 #!/usr/bin/env python
-"""DualParal benchmark: measured side by side on gloo processes, plus the Wan2.1-1.3B projection.
+"""DualParal benchmark through `effrun`: measured side by side on gloo processes, plus the projection.
 
-Measured (CPU, one thread per process, every run in fresh processes via effrun.launch.spawn, random
-DiT weights): for each video length (latent frames), the serial whole-video sampler (1 process), the
-same block-wise schedule in 1 process, DualParal on 2 and 4 processes and Ulysses sequence
-parallelism on 2 and 4 processes. Printed: latency (sampling wall time), per-rank peak RSS during
-sampling (and its increase over the RSS after model build), bytes sent, and whether DualParal's video
-is bit-identical to the 1-process block-wise schedule.
+Every measurement is one `effrun infer` run (fresh processes; core spawns the ranks with gloo), on the
+same random DiT (model=vdit-small, overridable) and sampling job (data=video-small) at >= 4 video
+lengths (data.latent_frames):
+- serial_full   x1: the standard sampler on the whole video            data.sampler=full
+- serial_block  x1: DualParal's block-wise schedule in one process     (the family alone)
+- dualparal     xN: the block-wise schedule over N ranks               +technique=dualparal parallelism.world_size=N
+- ulysses       xN: the whole-video sampler, Ulysses over N ranks      +technique=dualparal technique.mode=ulysses
+Modes alternate within each repeat (A B C ... A B C ...); the table shows the median latency (the sum
+of the sampler's round times, measured/latency_s) with its spread over repeats, and the per-rank peak
+memory during sampling (peak RSS, reset by the infer loop before the first round; the largest rank,
+and its increase over the RSS at round 0). DualParal's video is compared with the one-process
+block-wise video (data.save_latents): bit-identical in fp32 at one thread per process.
 
-Projected: Wan2.1-T2V-1.3B, 480x832, 50 steps, on 8x RTX 4090 (PCIe 4.0) at 1,025 frames: DualParal
-(event simulation of the real schedule) vs Ulysses/USP sequence parallelism vs one GPU, next to
-the paper's 6.54x lower latency and 1.48x lower memory.
+Projected: `effrun plan +technique=dualparal hardware=rtx4090` (Wan2.1-T2V-1.3B, 480x832, 50 steps,
+8x RTX 4090 on PCIe 4.0) next to the paper's 6.54x lower latency and 1.48x lower memory.
 
-    .venv/bin/python scripts/bench_dualparal.py                # ~5-15 min on 2 shared cores
-    .venv/bin/python scripts/bench_dualparal.py --quick        # 4 short lengths, 2 steps (~2 min)
-    .venv/bin/python scripts/bench_dualparal.py --no-measure   # projection only (seconds)
+    .venv/bin/python scripts/bench_dualparal.py                # ~30-60 min on 2 shared cores
+    .venv/bin/python scripts/bench_dualparal.py --quick        # 4 short lengths, 2 steps, 1 repeat
+    .venv/bin/python scripts/bench_dualparal.py --no-measure   # projection only
+    .venv/bin/python scripts/bench_dualparal.py --table outputs/bench_dualparal/latest.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +38,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 PAPER = {"latency_ratio": 6.54, "memory_ratio": 1.48, "frames": 1025, "gpus": "8x RTX 4090 (PCIe 4.0)",
          "source": "DualParal abstract (arXiv 2505.21070): 'up to' ratios vs the best prior baseline"}
+MODES = ("serial_full", "serial_block", "dualparal", "ulysses")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worlds", "--world", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64], help="latent frames (latents_num)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64], help="data.latent_frames")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--block-frames", type=int, default=2)
     p.add_argument("--context-frames", type=int, default=1)
@@ -45,8 +52,9 @@ def parse(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--latent", type=int, nargs=2, default=[16, 16], metavar=("H", "W"))
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--modes", nargs="+", default=["serial_full", "serial_block", "dualparal", "ulysses"])
+    p.add_argument("--threads", type=int, default=1, help="run.threads (per process)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats of every (length, mode)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-measure", action="store_true")
     p.add_argument("--table", metavar="JSON", help="print the tables of a finished run and exit")
@@ -54,132 +62,162 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def configs(a):
-    from effrun.families.video_diffusion.config import VideoSamplingConfig, check_sampling, preset
-    from effrun.techniques.dualparal.partition import split_layers
+# ---- the runs --------------------------------------------------------------------------------------
 
-    c = preset("vdit-small", layers=a.layers, dim=a.dim, heads=a.heads, ffn_dim=3 * a.dim)
-    ss = []
-    for n in a.lengths:
-        s = VideoSamplingConfig(latent_frames=n, block_frames=a.block_frames, context_frames=a.context_frames,
-                                steps=a.steps, height=a.latent[0], width=a.latent[1])
-        check_sampling(s, c, prefix="bench")
-        ss.append(s)
-    for w in a.worlds:
-        split_layers(c.layers, w)  # more processes than layers -> UserError
-    return c, ss
+def job(a, n: int) -> list:
+    return ["model=vdit-small", f"model.layers={a.layers}", f"model.dim={a.dim}", f"model.heads={a.heads}",
+            f"model.ffn_dim={3 * a.dim}", "data=video-small", f"data.latent_frames={n}", f"data.steps={a.steps}",
+            f"data.block_frames={a.block_frames}", f"data.context_frames={a.context_frames}",
+            f"data.height={a.latent[0]}", f"data.width={a.latent[1]}", f"run.threads={a.threads}", "logger=quiet"]
 
 
-def measure(a, c, ss) -> list:
-    from effrun.techniques.dualparal.runner import Job, launch
+def mode_args(mode: str, w: int) -> list:
+    spawn = [f"parallelism.world_size={w}", "parallelism.launcher=spawn"]
+    return {"serial_full": ["data.sampler=full"],
+            "serial_block": ["data.save_latents=true"],
+            "dualparal": ["+technique=dualparal", "data.save_latents=true", *spawn],
+            "ulysses": ["+technique=dualparal", "technique.mode=ulysses", "data.sampler=full", *spawn]}[mode]
 
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # big tensors mmapped: freed memory leaves RSS
-    rows = []
-    tmp = Path(tempfile.mkdtemp(prefix="bench_dualparal_"))
-    plan = [(m, 1) for m in ("serial_full", "serial_block") if m in a.modes]
-    plan += [(m, w) for w in a.worlds for m in ("dualparal", "ulysses") if m in a.modes]
-    total, done = len(ss) * len(plan), 0
-    for s in ss:
-        ref_video = None
-        for mode, w in plan:
-            if mode == "ulysses" and c.heads % w:
-                print(f"  skip ulysses x{w}: heads {c.heads} not divisible", flush=True)
-                continue
-            t0 = time.perf_counter()
-            res = launch(Job(mode, c, s, str(tmp / f"{mode}{w}_{s.latent_frames}"), threads=a.threads), w)
-            done += 1
-            row = {"mode": mode, "world": w, "latent_frames": s.latent_frames, "video_latents": s.video_latents,
-                   "measured/latency_s": max(r["wall_s"] for r in res),
-                   "measured/peak_rss_mb_per_rank": [round(r["peak_mb"], 1) for r in res],
-                   "measured/peak_rss_delta_mb_per_rank": [round(r["peak_delta_mb"], 1) for r in res],
-                   "measured/max_rank_peak_rss_mb": max(r["peak_mb"] for r in res),
-                   "measured/max_rank_delta_mb": max(r["peak_delta_mb"] for r in res),
-                   "measured/params_per_rank": [r["params"] for r in res],
-                   "measured/bytes_sent_per_rank": [r.get("bytes_sent", 0) for r in res],
-                   "measured/compute_s_per_rank": [round(r.get("compute_s", r["wall_s"]), 3) for r in res],
-                   "measured/forwards": res[0].get("forwards")}
-            if mode == "serial_block":
-                ref_video = res[0]["video"]
-            if mode == "dualparal" and ref_video is not None:
-                import torch
 
-                row["measured/bit_identical_to_serial_block"] = bool(torch.equal(res[0]["video"], ref_video))
-            rows.append(row)
-            print(f"  [{done}/{total}] {mode:>12} x{w} latents={s.video_latents:>3}  "
-                  f"latency {row['measured/latency_s']:.2f} s  max-rank peak RSS "
-                  f"{row['measured/max_rank_peak_rss_mb']:.0f} MB (+{row['measured/max_rank_delta_mb']:.1f})  "
-                  f"({time.perf_counter() - t0:.0f} s incl. start)", flush=True)
+def plan_points(a) -> list:
+    pts = [(m, 1) for m in ("serial_full", "serial_block") if m in a.modes]
+    pts += [(m, w) for w in a.worlds for m in ("dualparal", "ulysses") if m in a.modes]
+    return pts
+
+
+def preflight(a, points) -> list:
+    """Every run's overrides composed and checked in-process (no torch): bad input is one line, exit 2.
+    Returns the points to run (Ulysses skipped where heads are not divisible by the ranks)."""
+    from effrun.config.compose import compose_checked, validate
+    from effrun.config.validate_deep import validate_plugins
+    from effrun.errors import UserError
+
+    keep = []
+    for m, w in points:
+        for n in a.lengths:
+            cfg = compose_checked(["mode=infer", *job(a, n), *mode_args(m, w)])
+            validate(cfg)
+            try:
+                validate_plugins(cfg)
+            except UserError as e:
+                if m == "ulysses" and a.heads % w:
+                    print(f"  skip ulysses x{w}: {e.line()}", flush=True)
+                    break
+                raise
+        else:
+            keep.append((m, w))
+    return keep
+
+
+def effrun(args: list, root: Path) -> dict:
+    env = dict(os.environ, EFFRUN_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    root.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run([sys.executable, "-m", "effrun.cli", *args], capture_output=True, text=True, env=env,
+                       cwd=root)
+    if p.returncode != 0:
+        raise RuntimeError(f"effrun {' '.join(args)} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    (f,) = sorted(root.rglob("summary.json"))
+    return json.loads(f.read_text())
+
+
+def measure(a, points) -> list:
+    import torch
+
+    runs = Path(a.out) / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    rows, refs = [], {}
+    total, done = a.repeats * len(a.lengths) * len(points), 0
+    for rep in range(a.repeats):
+        for n in a.lengths:
+            for m, w in points:  # alternate the modes: A B C D ... (then the next repeat)
+                t0 = time.perf_counter()
+                s = effrun(["infer", *job(a, n), *mode_args(m, w)], runs / f"{m}{w}_{n}_r{rep}")
+                done += 1
+                row = {"mode": m, "world": w, "latent_frames": n, "repeat": rep,
+                       "video_latents": s["measured/video_latents"], "loadavg": os.getloadavg()[0],
+                       **{k: s[k] for k in s if k.startswith(("measured/", "info/"))}}
+                if m == "serial_block":
+                    refs[(n, rep)] = torch.load(s["info/latents_path"])
+                if m == "dualparal" and (n, rep) in refs:
+                    row["measured/bit_identical_to_serial_block"] = bool(
+                        torch.equal(torch.load(s["info/latents_path"]), refs[(n, rep)]))
+                rows.append(row)
+                print(f"  [{done}/{total}] {m:>12} x{w} latents={row['video_latents']:>3}  latency "
+                      f"{s['measured/latency_s']:.2f} s  max-rank peak RSS {s['measured/peak_mem_mb_max_rank']:.0f} MB "
+                      f"(+{s['measured/peak_mem_delta_mb_max_rank']:.1f})  load {row['loadavg']:.1f}  "
+                      f"({time.perf_counter() - t0:.0f} s incl. start)", flush=True)
     return rows
 
 
+# ---- tables ----------------------------------------------------------------------------------------
+
+def _agg(rows, key):
+    v = sorted(r[key] for r in rows)
+    return statistics.median(v), v[0], v[-1]
+
+
 def table(rows, worlds) -> str:
-    by = {(r["mode"], r["world"], r["latent_frames"]): r for r in rows}
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["world"], r["latent_frames"]), []).append(r)
     lengths = sorted({r["latent_frames"] for r in rows})
     cols = [("serial_full", 1), ("serial_block", 1)] + [(m, w) for w in worlds for m in ("dualparal", "ulysses")]
-    cols = [c for c in cols if any((c[0], c[1], n) in by for n in lengths)]
-    head = "| latents | " + " | ".join(f"{m} x{w}" for m, w in cols) + " |"
-    out = ["latency s (max-rank peak RSS MB, +delta over post-build RSS)", head,
-           "|---" * (len(cols) + 1) + "|"]
+    cols = [c for c in cols if any((c[0], c[1], n) in groups for n in lengths)]
+    reps = max(len(g) for g in groups.values())
+    out = [f"latency s, median of {reps} [min-max] (max-rank peak RSS MB, +increase over RSS at round 0)",
+           "| latents | " + " | ".join(f"{m} x{w}" for m, w in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for n in lengths:
         cells = []
         for m, w in cols:
-            r = by.get((m, w, n))
-            cells.append("-" if r is None else f"{r['measured/latency_s']:.2f} ({r['measured/max_rank_peak_rss_mb']:.0f}, "
-                                               f"+{r['measured/max_rank_delta_mb']:.1f})")
+            g = groups.get((m, w, n))
+            if not g:
+                cells.append("-")
+                continue
+            med, lo, hi = _agg(g, "measured/latency_s")
+            pk, dl = _agg(g, "measured/peak_mem_mb_max_rank")[0], _agg(g, "measured/peak_mem_delta_mb_max_rank")[0]
+            spread = f" [{lo:.2f}-{hi:.2f}]" if len(g) > 1 else ""
+            cells.append(f"{med:.2f}{spread} ({pk:.0f}, +{dl:.1f})")
         vl = next(r["video_latents"] for r in rows if r["latent_frames"] == n)
         out.append(f"| {vl} | " + " | ".join(cells) + " |")
-    out.append("")
-    out.append("ratios at equal process count (Ulysses / DualParal): latency, max-rank peak-RSS delta")
+    out += ["", "ratios at equal process count (Ulysses / DualParal, medians): latency; max-rank memory increase"]
     for w in worlds:
         for n in lengths:
-            d, u = by.get(("dualparal", w, n)), by.get(("ulysses", w, n))
+            d, u = groups.get(("dualparal", w, n)), groups.get(("ulysses", w, n))
             if d and u:
-                out.append(f"  x{w} latents {d['video_latents']:>3}: latency {u['measured/latency_s'] / d['measured/latency_s']:.2f}x, "
-                           f"memory delta {u['measured/max_rank_delta_mb']:.1f} / {d['measured/max_rank_delta_mb']:.1f} MB")
-    out.append("")
-    out.append("max-rank peak-RSS delta, shortest -> longest video (flat = memory independent of frames)")
+                ld, lu = _agg(d, "measured/latency_s")[0], _agg(u, "measured/latency_s")[0]
+                md, mu = (_agg(x, "measured/peak_mem_delta_mb_max_rank")[0] for x in (d, u))
+                out.append(f"  x{w} latents {d[0]['video_latents']:>3}: latency {lu / ld:.2f}x, "
+                           f"memory increase {mu:.1f} / {md:.1f} MB")
+    out += ["", "per-rank peak-RSS increase (MB, median), shortest -> longest video: flat = independent of frames"]
     for m, w in cols:
-        rs = [by[(m, w, n)] for n in lengths if (m, w, n) in by]
-        if len(rs) > 1:
-            a, b = rs[0], rs[-1]
-            out.append(f"  {m:>12} x{w}: {a['measured/max_rank_delta_mb']:.1f} MB @ {a['video_latents']} latents -> "
-                       f"{b['measured/max_rank_delta_mb']:.1f} MB @ {b['video_latents']} latents "
-                       f"({b['measured/max_rank_delta_mb'] - a['measured/max_rank_delta_mb']:+.1f} MB)")
+        gs = [groups[(m, w, n)] for n in lengths if (m, w, n) in groups]
+        if len(gs) > 1:
+            first = [statistics.median(x) for x in zip(*[r["measured/peak_mem_delta_mb_per_rank"] for r in gs[0]])]
+            last = [statistics.median(x) for x in zip(*[r["measured/peak_mem_delta_mb_per_rank"] for r in gs[-1]])]
+            per = ", ".join(f"r{i} {a:.1f}->{b:.1f}" for i, (a, b) in enumerate(zip(first, last)))
+            out.append(f"  {m:>12} x{w} ({gs[0][0]['video_latents']} -> {gs[-1][0]['video_latents']} latents): "
+                       f"{per}  (max rank {max(last) - max(first):+.1f} MB)")
     bits = [r.get("measured/bit_identical_to_serial_block") for r in rows if r["mode"] == "dualparal"]
     out.append(f"DualParal video bit-identical to the 1-process block-wise schedule: {bits}")
     return "\n".join(out)
 
 
-def projection() -> dict:
-    from effrun.families.video_diffusion.config import WAN_480P, VideoSamplingConfig, preset
-    from effrun.techniques.dualparal.costmodel import HARDWARE, dualparal_memory_gb, project, sequence_parallel
-
-    c = preset("wan2.1-1.3b")
-    hw = HARDWARE["rtx-4090"]
-    out = {"model": "wan2.1-1.3b", "hardware": "8x rtx-4090 (PCIe 4.0 x16, 32 GB/s/dir)", "mfu": 0.45,
-           "steps": 50, "latent": "60x104 (480x832)", "rows": []}
-    # README quick-start block settings (P=8, K=8) and two smaller contexts; latents_num = 256
-    for p, k in [(8, 8), (8, 4), (8, 1)]:
-        s = VideoSamplingConfig(latent_frames=256, block_frames=p, context_frames=k, steps=50, **WAN_480P)
-        r = project(c, s, 8, hw, 0.45)
-        r.update({"block_frames": p, "context_frames": k,
-                  "projected/dualparal_mem_breakdown_rank0_gb": dualparal_memory_gb(c, s, 8, 0),
-                  "projected/seqpar_breakdown": sequence_parallel(c, s, 8, hw, 0.45)})
-        out["rows"].append(r)
-    return out
+def projection(out: Path) -> dict:
+    s = effrun(["plan", "+technique=dualparal", "hardware=rtx4090", "logger=quiet"],
+               out / "runs" / time.strftime("plan-%Y%m%d-%H%M%S"))
+    return {k: v for k, v in s.items() if k.startswith(("projected/", "info/"))}
 
 
-def projection_text(p) -> str:
-    lines = [f"projected: {p['model']} on {p['hardware']}, {p['steps']} steps, latent {p['latent']}, MFU {p['mfu']}",
-             "| P,K | frames | DualParal s | SP s | 1 GPU s (fits 24 GB?) | latency SP/DP | DP GB/rank | SP GB | mem SP/DP |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in p["rows"]:
-        lines.append(f"| {r['block_frames']},{r['context_frames']} | {r['projected/pixel_frames']} | "
-                     f"{r['projected/dualparal_latency_s']:.0f} | {r['projected/seqpar_latency_s']:.0f} | "
-                     f"{r['projected/single_gpu_latency_s']:.0f} ({r['projected/single_gpu_fits']}) | "
-                     f"{r['projected/latency_ratio_seqpar_over_dualparal']:.2f}x | "
-                     f"{r['projected/dualparal_peak_mem_gb']:.2f} | {r['projected/seqpar_peak_mem_gb']:.2f} | "
-                     f"{r['projected/memory_ratio_seqpar_over_dualparal']:.2f}x |")
+def projection_text(p: dict) -> str:
+    lines = [f"projected: {p['info/projection']}",
+             "| P,K | frames | DualParal s | Ulysses s | 1 GPU s (fits 24 GB?) | latency SP/DP | DP GB/rank | "
+             "SP GB | mem SP/DP |", "|---|---|---|---|---|---|---|---|---|"]
+    ks = sorted({int(k.split("/")[1][1:]) for k in p if k.startswith("projected/k")}, reverse=True)
+    for k in ks:
+        r = {key.split("/", 2)[2]: v for key, v in p.items() if key.startswith(f"projected/k{k}/")}
+        lines.append(f"| 8,{k} | {r['pixel_frames']} | {r['dualparal_latency_s']:.0f} | {r['seqpar_latency_s']:.0f} | "
+                     f"{r['single_gpu_latency_s']:.0f} ({r['single_gpu_fits']}) | "
+                     f"{r['latency_ratio_seqpar_over_dualparal']:.2f}x | {r['dualparal_peak_mem_gb']:.2f} | "
+                     f"{r['seqpar_peak_mem_gb']:.2f} | {r['memory_ratio_seqpar_over_dualparal']:.2f}x |")
     lines.append(f"paper: {PAPER['latency_ratio']}x lower latency, {PAPER['memory_ratio']}x lower memory at "
                  f"{PAPER['frames']} frames on {PAPER['gpus']} ({PAPER['source']})")
     return "\n".join(lines)
@@ -187,7 +225,8 @@ def projection_text(p) -> str:
 
 def from_json(path: str) -> int:
     r = json.loads(Path(path).read_text())
-    print(table(r["measured"], sorted({x["world"] for x in r["measured"] if x["world"] > 1})))
+    if r.get("measured"):
+        print(table(r["measured"], sorted({x["world"] for x in r["measured"] if x["world"] > 1})))
     print(projection_text(r["projected"]))
     return 0
 
@@ -199,30 +238,29 @@ def main(argv=None) -> int:
     if a.table:
         return from_json(a.table)
     if a.quick:
-        a.lengths, a.steps = [4, 8, 12, 16], 2
+        a.lengths, a.steps, a.repeats = [4, 8, 12, 16], 2, 1
     try:
-        c, ss = configs(a)
+        points = preflight(a, plan_points(a)) if not a.no_measure else []
     except UserError as e:
         print(e.line(), file=sys.stderr)
         return 2
+    out = Path(a.out)
     load = os.getloadavg()
-    result = {"argv": sys.argv[1:], "loadavg_start": load, "cpu_count": os.cpu_count(), "model": asdict(c),
-              "sampling": [asdict(s) for s in ss], "threads_per_process": a.threads}
+    result = {"argv": sys.argv[1:], "loadavg_start": load, "cpu_count": os.cpu_count(), "args": vars(a)}
     if not a.no_measure:
-        print(f"measuring (load average {load[0]:.2f}, {os.cpu_count()} cores; every run in fresh processes)",
+        print(f"measuring (load average {load[0]:.2f}, {os.cpu_count()} cores; every run a fresh `effrun infer`)",
               flush=True)
-        rows = measure(a, c, ss)
+        rows = measure(a, points)
         result["measured"] = rows
         result["loadavg_end"] = os.getloadavg()
         print()
         print(table(rows, a.worlds))
         print(f"load average at start {load[0]:.2f}, at end {result['loadavg_end'][0]:.2f}: latencies on a shared "
-              f"{os.cpu_count()}-core box (4 processes on 2 cores cannot show pipeline speedup)")
-    p = projection()
-    result["projected"] = p
+              f"{os.cpu_count()}-core box ({max(a.worlds)} processes on {os.cpu_count()} cores cannot show pipeline "
+              "speedup)")
+    result["projected"] = projection(out)
     print()
-    print(projection_text(p))
-    out = Path(a.out)
+    print(projection_text(result["projected"]))
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"{stamp}.json", "latest.json"):

@@ -169,3 +169,17 @@ def test_model_yamls_equal_the_presets():
         node.pop("defaults")
         node.pop("description")
         assert model_config(node) == preset(name), name
+
+
+@pytest.mark.parametrize("args,key", [
+    (["--world", "8", "--layers", "4"], "parallelism.world_size"),
+    (["--block-frames", "3", "--lengths", "8"], "data.block_frames"),
+    (["--block-frames", "2", "--context-frames", "3"], "data.context_frames"),
+])
+def test_bench_bad_input_exits_2_with_one_line(args, key, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_dualparal.py"), *args, "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), p.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

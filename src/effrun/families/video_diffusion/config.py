@@ -27,19 +27,20 @@ class VideoDiTConfig:
     description: str = ""
     family: str = "video-diffusion"
     source: str = "random"
-    in_channels: int = 4
-    out_channels: int = 4
-    dim: int = 64
-    ffn_dim: int = 128
-    heads: int = 4
-    layers: int = 4
-    patch: List[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w)
-    text_dim: int = 32
-    text_len: int = 8
-    freq_dim: int = 32
-    eps: float = 1e-6
-    rope_max: int = 1024
-    seed: int = 0  # random weights: every layer is drawn from its own seed (rank-independent)
+    in_channels: int = field(default=4, metadata={"range": "[1, inf)"})
+    out_channels: int = field(default=4, metadata={"range": "[1, inf)"})
+    dim: int = field(default=64, metadata={"range": "[2, inf)"})
+    ffn_dim: int = field(default=128, metadata={"range": "[1, inf)"})
+    heads: int = field(default=4, metadata={"range": "[1, inf)"})
+    layers: int = field(default=4, metadata={"range": "[1, inf)"})
+    patch: List[int] = field(default_factory=lambda: [1, 2, 2], metadata={"range": "[1, inf)"})  # (t, h, w)
+    text_dim: int = field(default=32, metadata={"range": "[1, inf)"})
+    text_len: int = field(default=8, metadata={"range": "[1, inf)"})
+    freq_dim: int = field(default=32, metadata={"range": "[2, inf)"})
+    eps: float = field(default=1e-6, metadata={"range": "(0, 1)"})
+    rope_max: int = field(default=1024, metadata={"range": "[1, inf)"})
+    # random weights: every layer is drawn from its own seed (rank-independent)
+    seed: int = field(default=0, metadata={"range": "[0, 2**31]"})
 
     @property
     def head_dim(self) -> int:
@@ -86,16 +87,17 @@ class VideoSamplingConfig:
     noise: str = "coordinated"
     feature_cache: bool = True
     save_latents: bool = False
-    latent_frames: int = 8
-    height: int = 8  # latent height (pixels / 8 with Wan's VAE)
-    width: int = 8
-    steps: int = 4  # T denoising steps (flow-matching Euler)
-    shift: float = 3.0  # Wan2.1 flow shift (3.0 for 480p)
-    guidance_scale: float = 5.0  # classifier-free guidance; 1.0 -> conditional branch only
-    block_frames: int = 2  # DualParal num_per_block
-    context_frames: int = 1  # DualParal num_cat (each side)
-    seed: int = 0
-    num_train_timesteps: int = 1000
+    latent_frames: int = field(default=8, metadata={"range": "[1, inf)"})
+    height: int = field(default=8, metadata={"range": "[1, inf)"})  # latent height (pixels / 8 with Wan's VAE)
+    width: int = field(default=8, metadata={"range": "[1, inf)"})
+    steps: int = field(default=4, metadata={"range": "[1, inf)"})  # T denoising steps (flow-matching Euler)
+    shift: float = field(default=3.0, metadata={"range": "(0, inf)"})  # Wan2.1 flow shift (3.0 for 480p)
+    # classifier-free guidance; 1.0 -> conditional branch only
+    guidance_scale: float = field(default=5.0, metadata={"range": "[1, inf)"})
+    block_frames: int = field(default=2, metadata={"range": "[1, inf)"})  # DualParal num_per_block
+    context_frames: int = field(default=1, metadata={"range": "[0, inf)"})  # DualParal num_cat (each side)
+    seed: int = field(default=0, metadata={"range": "[0, 2**31]"})
+    num_train_timesteps: int = field(default=1000, metadata={"range": "[1, inf)"})
 
     @property
     def blocks(self) -> int:

@@ -32,17 +32,20 @@ class DualParalConfig:
     # plan: the projection (Wan2.1-T2V-1.3B on 8x RTX 4090 at 1,025 frames by default)
     project_model: str = "wan2.1-1.3b"  # used when model.* is not a video-diffusion model
     project_hardware: str = "rtx4090"  # configs/hardware/<name>.yaml, used when hardware.kind is not cuda
-    project_gpus: int = 8
-    project_frames: int = 1025  # pixel frames; latents = (frames - 1) / 4 + 1
-    project_height: int = 60  # latent 60 x 104 = 480 x 832 pixels / 8 (Wan's VAE)
-    project_width: int = 104
-    project_block_frames: int = 8  # P (the paper code's README quick-start: num_per_block 8)
-    project_context_frames: List[int] = field(default_factory=lambda: [8, 4, 1])  # K values, one row each
-    project_steps: int = 50
-    project_guidance_scale: float = 5.0
-    project_mfu: float = 0.45
+    project_gpus: int = field(default=8, metadata={"range": "[1, inf)"})
+    # pixel frames; latents = (frames - 1) / 4 + 1
+    project_frames: int = field(default=1025, metadata={"range": "[1, inf)"})
+    # latent 60 x 104 = 480 x 832 pixels / 8 (Wan's VAE)
+    project_height: int = field(default=60, metadata={"range": "[1, inf)"})
+    project_width: int = field(default=104, metadata={"range": "[1, inf)"})
+    # P (the paper code's README quick-start: num_per_block 8)
+    project_block_frames: int = field(default=8, metadata={"range": "[1, inf)"})
+    # K values, one projection row each
+    project_context_frames: List[int] = field(default_factory=lambda: [8, 4, 1], metadata={"range": "[0, inf)"})
+    project_steps: int = field(default=50, metadata={"range": "[1, inf)"})
+    project_guidance_scale: float = field(default=5.0, metadata={"range": "[1, inf)"})
+    project_mfu: float = field(default=0.45, metadata={"range": "(0, 1]"})
     project_dtype: str = "bfloat16"
-
 
 def check(cfg, node) -> None:
     """One-line errors before any work (no torch import)."""
