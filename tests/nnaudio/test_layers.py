@@ -15,6 +15,16 @@ from effrun.techniques.nnaudio import NnAudioConfig, build_front_end, kernels as
 SR = 16000
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread (on a shared, loaded box two OpenMP threads spin at barriers
+    and were 3-8x slower in wall time); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _signals(n=3, seconds=1.0, sr=SR):
     """Deterministic speech-like clips: a vibrato harmonic series, a chirp, and noise bursts."""
     t = np.arange(int(seconds * sr)) / sr

@@ -68,18 +68,18 @@ FORMAT_VERSION = 1
 
 @dataclass
 class AudioDataConfig:
-    sample_rate: int = 16000
-    clip_seconds: float = 1.0
+    sample_rate: int = field(default=16000, metadata={"range": "[4000, 48000]"})
+    clip_seconds: float = field(default=1.0, metadata={"range": "[0.1, 10]"})
     words: List[str] = field(default_factory=lambda: list(VOCAB))
-    n_speakers: int = 24               # the first n of SPEAKERS
-    eval_every: int = 4                # every 4th speaker is held out for eval (unseen voices)
-    speeds: List[int] = field(default_factory=lambda: [130, 175])   # espeak words per minute
-    pitches: List[int] = field(default_factory=lambda: [35, 65])    # espeak pitch 0-99
+    n_speakers: int = field(default=24, metadata={"range": f"[2, {len(SPEAKERS)}]"})  # the first n of SPEAKERS
+    eval_every: int = field(default=4, metadata={"range": "[2, inf)"})  # every 4th speaker is held out for eval (unseen voices)
+    speeds: List[int] = field(default_factory=lambda: [130, 175], metadata={"range": "[80, 450]"})  # espeak wpm
+    pitches: List[int] = field(default_factory=lambda: [35, 65], metadata={"range": "[0, 99]"})  # espeak pitch
     unknown_class: bool = True         # real speech from the wheels as `_unknown_`
-    unknown_hop_seconds: float = 0.25  # hop between crops of the real speech
-    noise_snr_db: Optional[float] = 20.0   # pygame effects mixed in at this SNR (null: clean)
+    unknown_hop_seconds: float = field(default=0.25, metadata={"range": "(0, inf)"})  # hop between crops of the real speech
+    noise_snr_db: Optional[float] = field(default=20.0, metadata={"range": "[-20, 100]"})  # pygame effects mixed in at this SNR (null: clean)
     resample: bool = True              # resample sources to sample_rate (soxr_hq), or refuse them
-    seed: int = 0
+    seed: int = field(default=0, metadata={"range": "[0, inf)"})
 
 
 def cache_root() -> Path:

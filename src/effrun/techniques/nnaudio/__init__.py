@@ -11,7 +11,7 @@ baseline in `baseline.py`. The entry point (TechniqueSpec) is written by the int
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from effrun.errors import UserError
@@ -29,26 +29,26 @@ class NnAudioConfig:
     # librosa_files: the baseline -- features precomputed once with librosa into files, read back
     features: str = "layer"
     # STFT framing (stft, mel, mfcc)
-    n_fft: int = 512
-    hop_length: int = 128             # also the CQT hop (2010 kind: divisible by 2^(octaves-1) for full speed)
-    win_length: Optional[int] = None  # null: n_fft
+    n_fft: int = field(default=512, metadata={"range": "[2, inf)"})
+    hop_length: int = field(default=128, metadata={"range": "[1, inf)"})  # also the CQT hop (2010 kind: divisible by 2^(octaves-1) for full speed)
+    win_length: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})  # null: n_fft
     window: str = "hann"
     center: bool = True
     pad_mode: str = "constant"        # constant (librosa's default) | reflect (nnAudio's default)
     output: str = "magnitude"         # stft only: magnitude | power
     # mel / mfcc
-    n_mels: int = 64
-    fmin: Optional[float] = None      # null: 0 Hz (mel), 32.70 Hz = C1 (cqt)
-    fmax: Optional[float] = None      # null: sample_rate / 2 (mel)
+    n_mels: int = field(default=64, metadata={"range": "[1, inf)"})
+    fmin: Optional[float] = field(default=None, metadata={"range": "[0, inf)"})  # null: 0 Hz (mel), 32.70 Hz = C1 (cqt)
+    fmax: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})  # null: sample_rate / 2 (mel)
     htk: bool = False
-    n_mfcc: int = 20
-    top_db: Optional[float] = 80.0
+    n_mfcc: int = field(default=20, metadata={"range": "[1, inf)"})
+    top_db: Optional[float] = field(default=80.0, metadata={"range": "[0, inf)"})
     # cqt
     cqt_kind: str = "2010"            # 2010: octave recursion (librosa's algorithm, fastest) | 1992: full kernels
-    n_bins: int = 72
-    bins_per_octave: int = 12
-    filter_scale: float = 1.0
-    sparsity: float = 0.01            # librosa's kernel sparsification quantile
+    n_bins: int = field(default=72, metadata={"range": "[2, inf)"})
+    bins_per_octave: int = field(default=12, metadata={"range": "[1, inf)"})
+    filter_scale: float = field(default=1.0, metadata={"range": "(0, inf)"})
+    sparsity: float = field(default=0.01, metadata={"range": "[0, 1)"})  # librosa's kernel sparsification quantile
     # a clip shorter than one frame / the longest CQT wavelet: error, or zero-extend (librosa's padding)
     short_input: str = "error"
 
