@@ -184,7 +184,7 @@ def test_run_files_are_readable_by_colleagues_and_free_of_secrets(tmp_path):
                        env=env(tmp_path, WANDB_API_KEY=key, EFFRUN_TEST_SECRET_TOKEN=other))
     assert p.returncode == 0, p.stderr[-3000:]
     (run_dir,) = EffrunResult(p, tmp_path / "out").run_dirs()
-    for name in ("summary.json", "run_id", "metrics.jsonl", "checkpoints/step_2.pt"):
+    for name in ("summary.json", "run_id", "metrics.jsonl", "checkpoints/step_2/rank_0.pt", "checkpoints/step_2/complete"):
         assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o644, name
     files = [f for f in (tmp_path / "out").rglob("*") if f.is_file() and not f.is_symlink()]
     assert any("wandb" in f.parts for f in files) and any(f.name == "config.yaml" for f in files)
@@ -267,7 +267,7 @@ def test_zeropp3_missing_calibration_file_is_one_line(tmp_path):
 
 
 def _trace(path: Path, layers: int, tokens: int = 64, experts: int = 8) -> Path:
-    from effrun.moe.trace import RoutingTrace
+    from effrun.techniques._moe.trace import RoutingTrace
 
     rng = np.random.default_rng(0)
     return RoutingTrace(rng.integers(0, experts, (tokens, layers, 2)), experts).save(path)

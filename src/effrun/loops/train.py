@@ -91,7 +91,9 @@ class Trainer:
 
             with (mb.context() if mb.context else contextlib.nullcontext()):
                 if measure_saved and i == 0:
-                    flops = _flop_counter(ctx)
+                    # the FLOP count only on the run's very first step: FlopCounterMode may route ops
+                    # differently (float rounding), and a resumed run must match an uninterrupted one
+                    flops = _flop_counter(ctx) if step == 0 else contextlib.nullcontext()
                     with SavedTensorCounter(eng.module) as counter, flops:
                         eng.forward_backward(closure, last=i == n - 1)
                     out["saved"] = (counter.bytes, counter.count)
