@@ -63,10 +63,10 @@ def validate_seams(cfg: DictConfig, running: bool = True) -> None:
 def _data_family(name: str):
     from omegaconf import OmegaConf
 
-    from effrun.config.paths import config_dir
+    from effrun.config.paths import find_config
 
     try:
-        node = OmegaConf.load(config_dir() / "data" / f"{name}.yaml")
+        node = OmegaConf.load(find_config("data", name))
     except Exception:
         return None
     fam = node.get("family")

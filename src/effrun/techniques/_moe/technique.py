@@ -30,7 +30,7 @@ class PlacementTechnique(Technique):
 
     # --- the study (rank 0) ------------------------------------------------------------------------
     def study(self):
-        from effrun.config.paths import config_dir
+        from effrun.config.paths import find_config
         from effrun.techniques._moe import study
         from effrun.techniques._moe.placement import check_divisible
 
@@ -68,9 +68,12 @@ class PlacementTechnique(Technique):
             rec.set("info/moetuner_link_cost", list(link))
         placements = {self.METHOD: res.placement, "round_robin": study.baseline("round_robin", tr, topo)}
         loads = {k: evals[k]["load_max_over_mean"] for k in placements}
+        path = find_config("model", node.project_model)
         try:
-            shape = OmegaConf.load(config_dir() / "model" / f"{node.project_model}.yaml")
-        except FileNotFoundError:
+            shape = OmegaConf.load(path) if path else None
+        except OSError:
+            shape = None
+        if shape is None:
             raise UserError(f"no model config {node.project_model!r}", key="technique.project_model") from None
         rec.update(study.projection(ctx.cfg.hardware, shape, ho, placements, topo, loads,
                                     node.project_tokens_per_device))

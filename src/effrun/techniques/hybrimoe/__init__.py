@@ -138,10 +138,10 @@ def check(cfg, node) -> None:
 def _load_group(group: str, name: str):
     from omegaconf import OmegaConf
 
-    from effrun.config.paths import config_dir
+    from effrun.config.paths import find_config
 
     try:
-        return OmegaConf.load(config_dir() / group / f"{name}.yaml")
+        return OmegaConf.load(find_config(group, name))
     except Exception:
         return None
 
