@@ -17,12 +17,28 @@ def cuda_present() -> bool:
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
 
+# headless browsers a `browser` target can drive (Debian's chromium binary first: the /usr/bin wrapper
+# sources extension and API-key settings)
+BROWSER_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
+BROWSER_SETUP = "install it with `bash scripts/setup/browser.sh` (apt-get install -y chromium wabt)"
+
+
+def browser_present() -> bool:
+    for c in BROWSER_CANDIDATES:
+        p = c if os.path.isabs(c) else shutil.which(c)
+        if p and os.path.isfile(p) and os.access(p, os.X_OK):
+            return True
+    return False
+
+
 def hardware_present(kind: str) -> bool:
     if kind == "cpu":
         return True
     if kind == "cuda":
         return cuda_present()
-    return False  # rocm, hpu, fpga, browser: not runnable targets on these machines
+    if kind == "browser":
+        return browser_present()
+    return False  # rocm, hpu, fpga: not runnable targets on these machines
 
 
 TEXT_PROBE_BYTES = 1 << 16
@@ -103,6 +119,9 @@ def validate_plugins(cfg: DictConfig) -> None:
             spec.check(cfg, node)
         specs.append(spec)
     projecting = cfg.mode == "plan" or any(s.hardware == "project" for s in specs)
+    if not projecting and cfg.hardware.kind == "browser" and not browser_present():
+        raise UserError(f"target {cfg.hardware.name!r} needs Chromium, which is not installed; {BROWSER_SETUP}",
+                        key="hardware")
     if not projecting and not hardware_present(cfg.hardware.kind):
         from effrun.config.paths import group_options
 

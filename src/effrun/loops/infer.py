@@ -37,9 +37,24 @@ def _session(ctx):
     return session, model
 
 
+def _close(session) -> None:
+    """A session holding outside resources (a target runner's browser, processes) closes them here,
+    after finish() or when the run fails; sessions without close() are left as they are."""
+    close = getattr(session, "close", None)
+    if callable(close):
+        close()
+
+
 def infer(ctx) -> None:
-    rec, cuda = ctx.recorder, str(ctx.device).startswith("cuda")
     session, model = _session(ctx)
+    try:
+        _run(ctx, session)
+    finally:
+        _close(session)
+
+
+def _run(ctx, session) -> None:
+    rec, cuda = ctx.recorder, str(ctx.device).startswith("cuda")
     names = "+".join(t.name for t in ctx.techniques) or "none"
     ctx.start_recorder(session.total_rounds(), f"infer {names} {ctx.cfg.model.name}")
     if cuda:

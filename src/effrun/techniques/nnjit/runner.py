@@ -1,9 +1,10 @@
-"""The target runner effrun's one infer loop drives (the `target_runner` seam).
+"""The target runner effrun's one infer loop drives (the `target_runner` seam; an `InferSession`).
 
     runner = NnjitRunner(cfg, hardware, run_dir, log=print)
-    for rnd in runner.rounds():          # round 0: start the browser, tune every distinct shape
-        units = rnd.run()                # rounds 1..: one matmul of the layer each, in the browser
+    for rnd in runner.rounds():          # round 0 (kind "tune"): start the browser, tune every distinct shape
+        units = rnd.run()                # rounds 1.. (kind "matmul"): one matmul of the layer each
     runner.finish(recorder)              # measured/... keys; stops the browser and the page server
+    runner.close()                       # idempotent; the loop calls it also when a round fails
 
 Every matmul round runs its tuned kernel once in the page (timed there with performance.now()),
 reads C back and compares it with numpy in float64 (`max_rel_error` < 1 or the round fails).
@@ -13,11 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from effrun.rounds import InferSession, Round
 
 from . import NnjitConfig, device_rule, validate
 from .harness import BrowserSession, Kernel, ProblemHandle, Shape
@@ -34,16 +39,11 @@ def _stderr(msg: str) -> None:
     print(f"[nnjit] {msg}", file=sys.stderr, flush=True)
 
 
-@dataclass
-class Round:
-    name: str
-    fn: Callable[[], int]
-
-    def run(self) -> int:
-        return self.fn()
+def _sigterm_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
-class NnjitRunner:
+class NnjitRunner(InferSession):
     unit = "matmuls"
     first_is_latency = False
     warmup_rounds = 1            # the tuning round
@@ -67,21 +67,41 @@ class NnjitRunner:
         self._stat = "min_ms" if cfg.stat == "min" else "median_ms"
         self.hw_name = str((hardware.get("name") if hasattr(hardware, "get") else getattr(hardware, "name", ""))
                            or "browser-wasm")
+        self._old_sigterm = None
 
     # ---- rounds
+    def total_rounds(self) -> int:
+        return 1 + len(self.matmuls)
+
     def rounds(self) -> Iterator[Round]:
-        yield Round("tune", self._tune)
+        row: Dict[str, Any] = {}
+        yield Round("tune", partial(self._tune, row), info={"steady": False}, row=row)
         for name, shape in self.matmuls:
-            yield Round(name, lambda name=name, shape=shape: self._matmul(name, shape))
+            row = {}
+            yield Round("matmul", partial(self._matmul, name, shape, row), info={"name": name, "shape": shape.key()},
+                        row=row)
 
     def _open(self) -> BrowserSession:
         if self.sess is None:
+            self._trap_sigterm()
             self.sess = BrowserSession(self.cfg.chromium, os.path.expanduser(self.cfg.ort_dir),
                                        webgpu=self.cfg.webgpu_check, start_timeout=self.cfg.start_timeout_s,
                                        log=self.log).start()
         return self.sess
 
-    def _tune(self) -> int:
+    def _trap_sigterm(self) -> None:
+        """While the browser runs, SIGTERM becomes SystemExit (when nobody else handles it), so the
+        run's clean-up (the loop's close(), the summary) happens as for Ctrl-C."""
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_exit)
+
+    def _untrap_sigterm(self) -> None:
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def _tune(self, row: Optional[Dict[str, Any]] = None) -> int:
         s = self._open()
         cache = TuneCache(self.cfg.cache_dir) if self.cfg.use_cache else None
         dev = device_key(s.info.get("userAgent", ""), self.hw_name, self.rule)
@@ -107,6 +127,9 @@ class NnjitRunner:
         self.tune_s = time.perf_counter() - t0
         if self.cfg.webgpu_check:
             self._webgpu()
+        if row is not None:
+            row.update({"tune_s": self.tune_s, "tuned_shapes": len(self.tuned),
+                        "from_cache": sum(1 for r in self.tuned.values() if r.from_cache)})
         return 0
 
     def _webgpu(self) -> None:
@@ -130,7 +153,7 @@ class NnjitRunner:
                 raise KernelMismatch(f"WebGPU matmul {sub.key()} differs from numpy "
                                      f"(max_rel_error {r['max_rel_error']:.3g})")
 
-    def _matmul(self, name: str, shape: Shape) -> int:
+    def _matmul(self, name: str, shape: Shape, out: Optional[Dict[str, Any]] = None) -> int:
         s, k = self.sess, self.kernels[shape]
         row: Dict[str, Any] = {"name": name, "shape": shape.key(), "tile": k.tile.key(), "flops": shape.flops}
         if self.cfg.check:
@@ -152,6 +175,10 @@ class NnjitRunner:
                 self.ort[shape] = o
             row["ort_ms"] = self.ort[shape][self._stat]
         self.results.append(row)
+        if out is not None:
+            out.update({"name": name, "shape": shape.key(), "tile": k.tile.key(), "kernel_ms": row["ms"],
+                        "gflops": row["gflops"], **({"max_rel_error": row["max_rel_error"]} if "max_rel_error" in row
+                                                    else {}), **({"ort_ms": row["ort_ms"]} if "ort_ms" in row else {})})
         self.log(f"{name:>12} {shape.key():>22} {row['ms']:8.2f} ms {row['gflops'] or 0:6.1f} GFLOP/s"
                  + (f"  (ort {row['ort_ms']:.2f} ms)" if "ort_ms" in row else ""))
         return 1
@@ -168,7 +195,9 @@ class NnjitRunner:
             if errs:
                 out["measured/max_rel_error"] = max(errs)
             for r in self.results:
-                out[f"measured/{r['name']}_ms"] = r["ms"]
+                out[f"measured/matmul_ms/{r['name']}"] = r["ms"]
+                if "ort_ms" in r:
+                    out[f"measured/ort_matmul_ms/{r['name']}"] = r["ort_ms"]
             if all("ort_ms" in r for r in self.results):
                 oms = sum(r["ort_ms"] for r in self.results)
                 out["measured/ort_layer_ms"] = oms
@@ -197,9 +226,12 @@ class NnjitRunner:
             self.close()
 
     def close(self) -> None:
-        if self.sess is not None:
-            self.sess.stop()
-            self.sess = None
+        try:
+            if self.sess is not None:
+                self.sess.stop()
+                self.sess = None
+        finally:
+            self._untrap_sigterm()
 
     def __enter__(self) -> "NnjitRunner":
         return self

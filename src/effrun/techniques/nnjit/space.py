@@ -73,7 +73,7 @@ def lite_space() -> List[Tile]:
 @dataclass(frozen=True)
 class PruneRule:
     registers: int                     # device SIMD registers (128-bit)
-    l1_bytes: int                      # device L1 data cache
+    l1_bytes: int                      # device L1 data cache; <= 0: no L1 rule (the original's phones)
     reg_min: float = 0.8               # minimum register occupancy
     l1_min: float = 0.9                # minimum L1 occupancy
 
@@ -81,8 +81,9 @@ class PruneRule:
         if t.mr > t.mb or t.nr > t.nb:
             return False
         r, b = simd_registers(t), l1_bytes(t)
-        return (self.reg_min * self.registers <= r <= self.registers
-                and self.l1_min * self.l1_bytes <= b <= self.l1_bytes)
+        if not self.reg_min * self.registers <= r <= self.registers:
+            return False
+        return self.l1_bytes <= 0 or self.l1_min * self.l1_bytes <= b <= self.l1_bytes
 
 
 def prune(space: Sequence[Tile], rule: PruneRule) -> List[Tile]:
