@@ -209,7 +209,9 @@ def prepare(model: torch.nn.Module, mode: str, x: torch.Tensor, cfg: SpeedConfig
                 return model(x)
         return run
     if mode == "trace":
-        with torch.no_grad(), _autocast(cfg):
+        import warnings
+        with torch.no_grad(), _autocast(cfg), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape ifs are constants: fixed input size
             traced = torch.jit.trace(model, x, check_trace=False)
             traced = torch.jit.freeze(traced.eval())
 
