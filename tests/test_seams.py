@@ -28,6 +28,8 @@ CASES = {
     "bytescale-2ranks": BYTESCALE + TWO,
     "zeropp3-effrun-2ranks": ZERO + TWO + ["data.batch_size=2"],
     "zeropp3-deepspeed": DS + ["data.batch_size=2"],
+    "zeropp3-fsdp2-2ranks": ZERO + TWO + ["technique.engine=fsdp2", "run.measure_saved_bytes=false",
+                                          "data.batch_size=2"],
 }
 
 

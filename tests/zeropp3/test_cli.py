@@ -31,14 +31,34 @@ def test_effrun_engine_cli_bytes_and_partitioned_resume(effrun, tmp_path):
     assert [r["loss"] for r in rb] == pytest.approx([r["loss"] for r in rows[2:]], rel=1e-6)
 
 
-def test_deepspeed_engine_trains_with_hpz_on_cpu(effrun):
+def test_deepspeed_engine_trains_with_hpz_overlap_comm_and_a_user_config(effrun, tmp_path):
+    import json
+
+    user = tmp_path / "my_ds.json"  # a DeepSpeed user's own file, merged over effrun's generated config
+    user.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 12345}, "steps_per_print": 1000}))
     r = effrun("train", *TINY2, "technique.engine=deepspeed", "technique.quantized_weights=false",
-               "technique.quantized_gradients=false", "run.max_steps=3", "run.lr=1e-2", env=ENV, timeout=900)
+               "technique.quantized_gradients=false", "technique.overlap_comm=true",
+               f"technique.deepspeed_config={user}", "run.max_steps=3", "run.lr=1e-2", env=ENV, timeout=900)
     s = r.summary()
     assert s["status"] == "completed" and s["measured/deepspeed_hpz_partition_size"] == 2
-    assert s["measured/deepspeed_zero_stage"] == 3
+    assert s["measured/deepspeed_zero_stage"] == 3 and s["measured/deepspeed_overlap_comm"] is True
+    conf = json.loads((r.run_dirs()[-1] / "ds_config.json").read_text())  # what DeepSpeed was given
+    z = conf["zero_optimization"]
+    assert z["overlap_comm"] is True and z["stage3_prefetch_bucket_size"] == 12345 and z["stage"] == 3
+    assert conf["steps_per_print"] == 1000
     losses = [row["loss"] for row in r.metrics()]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_bad_deepspeed_config_file_exits_2_in_one_line(effrun, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,')
+    r = effrun("train", *TINY2, "technique.engine=deepspeed", "technique.quantized_weights=false",
+               "technique.quantized_gradients=false", f"technique.deepspeed_config={bad}", check=False)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: technique.deepspeed_config:") and "broken.json" in err[0]
+    assert "Traceback" not in r.stderr and not list(r.root.rglob("summary.json"))
 
 
 def test_quantized_deepspeed_on_cpu_exits_2_before_any_process_group(effrun):

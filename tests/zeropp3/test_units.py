@@ -59,24 +59,99 @@ def test_alpha_beta_collective_time_and_span():
     assert span(levels, 2, stride=8).name == "net" and span(levels, 9).name == "net"
 
 
-def test_cost_model_orders_the_schemes_on_frontier():
+def _frontier():
     from omegaconf import OmegaConf
 
     from effrun.config.paths import config_dir
 
-    hw = OmegaConf.load(config_dir() / "hardware" / "mi250x-gcd.yaml")
-    levels = levels_from_hardware(hw)
+    return levels_from_hardware(OmegaConf.load(config_dir() / "hardware" / "mi250x-gcd.yaml"))
+
+
+def test_cost_model_orders_the_schemes_on_frontier():
+    levels = _frontier()
     P, L, H = 20e9, 44, 6144
     rows = project_zero(P, P, L, H, levels, 191.5, [8, 16, 384], 2, 2048, 0.45)
     r = {(x["scheme"], x["devices"]): x for x in rows}
     assert r[("zero3", 8)]["scaling_efficiency"] == 1.0
     for W in (16, 384):
         assert r[("hier3", W)]["tflops_per_device"] > r[("zeropp", W)]["tflops_per_device"] > r[("zero3", W)]["tflops_per_device"]
-    # ZeRO-3 at 384: three bf16 collectives of 40 GB over 12.5 GB/s Slingshot per GCD
-    assert r[("zero3", 384)]["comm_s"] == pytest.approx(3 * (383 * 10e-6 + 383 / 384 * 2 * P / 12.5e9))
+    # ZeRO-3 at 384: three bf16 collectives per gather unit (P_nonemb = P here: 44 layers, no embedding
+    # unit) over 12.5 GB/s Slingshot per GCD, 10 us per ring step; no overlap: all exposed
+    z = r[("zero3", 384)]
+    assert z["comm_s"] == pytest.approx(3 * (44 * 383 * 10e-6 + 383 / 384 * 2 * P / 12.5e9))
+    assert z["step_s"] == pytest.approx(z["compute_s"] + z["comm_s"]) and z["exposed_comm_s"] == z["comm_s"]
     assert ratio(rows, "hier3", "zeropp", 384) > 1.0 and ratio(rows, "zeropp", "zero3", 384) > 1.3
     # compute: 6P + 12LHT FLOPs per token at 45% of peak
     assert r[("zero3", 8)]["compute_s"] == pytest.approx((6 * P + 12 * L * H * 2048) * 4096 / (191.5e12 * 0.45))
+
+
+def test_overlap_hides_communication_up_to_the_compute():
+    levels = _frontier()
+    P, L, H = 20e9, 44, 6144
+    kw = dict(quant_GBps={8: 70.0, 4: 42.0})
+    off = {(x["scheme"], x["devices"]): x for x in project_zero(P, P, L, H, levels, 191.5, [384], 2, 2048, 0.45, **kw)}
+    on = {(x["scheme"], x["devices"]): x for x in project_zero(P, P, L, H, levels, 191.5, [384], 2, 2048, 0.45,
+                                                                 prefetch=True, overlap_reduce=True, **kw)}
+    for s in ("zero3", "zeropp", "hier3"):
+        a, b = off[(s, 384)], on[(s, 384)]
+        assert a["comm_s"] == b["comm_s"] and a["quant_s"] == b["quant_s"] > (0 if s != "zero3" else -1)
+        # overlap cannot beat the busier channel, nor make anything slower
+        assert max(b["compute_s"] + b["quant_s"], b["comm_s"]) <= b["step_s"] + 1e-9 < a["step_s"]
+        assert a["step_s"] == pytest.approx(a["compute_s"] + a["quant_s"] + a["comm_s"])
+        for t in b["terms"].values():
+            assert t["hidden_s"] + t["exposed_s"] == pytest.approx(t["seconds"])
+            if t["phase"].startswith("quant"):
+                assert t["hidden_s"] == 0  # kernels run on the compute stream
+    assert on[("zero3", 384)]["terms"]["grad_reduce_scatter"]["hidden_s"] > 0
+
+
+def test_timeline_by_hand_three_units():
+    """3 units, forward 1 s and backward 2 s each, gather / reduce 0.5 s each (worked by hand):
+    blocking 9 + 9 x 0.5 = 13.5 s; prefetch + overlapped reduction exposes only the first forward
+    gather, the first backward gather and the last reduction: 9 + 1.5 = 10.5 s."""
+    from effrun.techniques.zeropp3.costmodel import Term, Unit, simulate
+
+    units = [Unit(1.0, 1.0, 2.0)] * 3
+    terms = [[Term("ag", "fwd_gather", "x", 0, 0.5), Term("agb", "bwd_gather", "x", 0, 0.5),
+              Term("rs", "reduce", "x", 0, 0.5)]] * 3
+    assert simulate(units, terms, False, False)["step_s"] == pytest.approx(13.5)
+    on = simulate(units, terms, True, True)
+    assert on["step_s"] == pytest.approx(10.5) and on["compute_s"] == 9.0
+    assert on["terms"]["ag"]["exposed_s"] == pytest.approx(0.5) and on["terms"]["ag"]["hidden_s"] == pytest.approx(1.0)
+    assert on["terms"]["agb"]["exposed_s"] == pytest.approx(0.5)
+    assert on["terms"]["rs"]["exposed_s"] == pytest.approx(0.5)
+    # only the reduction overlapped: gathers block the compute again
+    assert simulate(units, terms, False, True)["step_s"] == pytest.approx(9 + 6 * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize("scheme,qw,qg", [("zero3", False, False), ("zero3", True, True), ("zeropp", False, False),
+                                          ("zeropp", True, True), ("hier3", False, False), ("hier3", True, True)])
+def test_cost_model_bytes_are_the_engine_bytes(scheme, qw, qg):
+    """The cost model's collectives move exactly what the engine's byte formulas count (per device
+    bytes x devices = bytes summed over the levels), on a 2x2x2 'here' target."""
+    from effrun.techniques.zeropp3.costmodel import unit_terms
+
+    here = [Level("subdevice", 2, 1.0, 1.0), Level("device", 4, 1.0, 1.0), Level("node", 8, 1.0, 1.0)]
+    h = Hierarchy(2, 2, 2)
+    for n in (8 * 64, 8 * 64 * 5):
+        terms = unit_terms(scheme, n, here, 8, wire=4.0, qw=qw, qg=qg, wblock=64, gblock=64)
+        formula = expected_bytes(scheme, h, n, 4, qw, qg, 64, 64)
+        assert 8 * sum(t.bytes_sent for t in terms) == pytest.approx(sum(formula.values()), rel=1e-12)
+        # and each collective on the level its group spans: the node level only for world / cross-node groups
+        node = sum(t.bytes_sent for t in terms if t.level == "node")
+        assert (node > 0) == (formula["node"] > 0)
+
+
+def test_fsdp2_layout_per_scheme():
+    from effrun.techniques.zeropp3.engines import fsdp2_layout
+
+    h = Hierarchy(2, 2, 2)
+    assert fsdp2_layout("zero3", h, "flat") == ((8,), True)
+    assert fsdp2_layout("zeropp", h, "flat") == ((8,), 4)      # hpZ: re-shard to the node after forward
+    assert fsdp2_layout("hier3", h, "flat") == ((8,), 2)       # 3-level: to the GCD pair
+    assert fsdp2_layout("zeropp", h, "hsdp") == ((2, 4), True)  # already sharded inside the node
+    assert fsdp2_layout("hier3", h, "hsdp") == ((2, 4), 2)
+    assert fsdp2_layout("hier3", Hierarchy(1, 4, 1), "flat") == ((4,), False)  # no sub-devices: keep whole
 
 
 def _cfg(*overrides):
@@ -165,3 +240,76 @@ def test_plan_in_process_calibrated_from_a_measured_run(tmp_path):
     assert (tmp_path / "run" / "zeropp3_projection.md").read_text().count("| hier3 |") == 3
     assert (tmp_path / "run" / "plots" / "zeropp3_scaling.png").stat().st_size > 0
     assert not any(k.startswith("measured/") for k in s)  # a projection measures nothing
+
+
+# --- engine=deepspeed: the user's own DeepSpeed config, overlap_comm ---------------------------------
+def test_ds_merge_is_recursive_and_the_user_wins():
+    from effrun.techniques.zeropp3.dsconfig import merge
+
+    base = {"a": 1, "z": {"stage": 3, "hpz": 2, "nested": {"x": 1, "y": 2}}, "lst": [1, 2]}
+    user = {"z": {"hpz": 8, "nested": {"y": 5}, "new": True}, "lst": [9], "b": {"c": 1}, "a": {"now": "dict"}}
+    out = merge(base, user)
+    assert out == {"a": {"now": "dict"}, "z": {"stage": 3, "hpz": 8, "nested": {"x": 1, "y": 5}, "new": True},
+                   "lst": [9], "b": {"c": 1}}
+    assert base["z"]["hpz"] == 2 and base["z"]["nested"]["y"] == 2  # inputs untouched
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_ds_user_config_file_is_merged_over_the_generated_one(tmp_path, fmt):
+    import json
+
+    from effrun.techniques.zeropp3.dsconfig import ds_config
+
+    user = {"zero_optimization": {"overlap_comm": False, "stage3_prefetch_bucket_size": 1000},
+            "gradient_clipping": 0.5, "steps_per_print": 5}
+    f = tmp_path / f"ds.{fmt}"
+    if fmt == "json":
+        f.write_text(json.dumps(user))
+    else:
+        f.write_text("zero_optimization:\n  overlap_comm: false\n  stage3_prefetch_bucket_size: 1000\n"
+                     "gradient_clipping: 0.5\nsteps_per_print: 5\n")
+    cfg = _cfg("parallelism=hier-2x2x2", "technique.engine=deepspeed", "technique.quantized_weights=false",
+               "technique.quantized_gradients=false", "technique.overlap_comm=true", f"technique.deepspeed_config={f}")
+    z = ds_config(cfg, cfg.technique)
+    assert z["zero_optimization"]["overlap_comm"] is False          # the user's file wins over the flag
+    assert z["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+    assert z["zero_optimization"]["stage"] == 3 and z["zero_optimization"]["zero_hpz_partition_size"] == 2
+    assert z["gradient_clipping"] == 0.5 != cfg.run.max_grad_norm and z["steps_per_print"] == 5
+
+
+def test_ds_overlap_comm_reaches_the_generated_config():
+    from effrun.techniques.zeropp3.dsconfig import ds_config
+
+    base = ["parallelism=hier-2x2x2", "technique.engine=deepspeed", "technique.quantized_weights=false",
+            "technique.quantized_gradients=false"]
+    assert ds_config(_cfg(*base), _cfg(*base).technique)["zero_optimization"]["overlap_comm"] is False
+    cfg = _cfg(*base, "technique.overlap_comm=true")
+    assert ds_config(cfg, cfg.technique)["zero_optimization"]["overlap_comm"] is True
+
+
+@pytest.mark.parametrize("text", ["{not json", "- a\n- b\n", "[1, 2]"])
+def test_ds_bad_user_config_is_one_line_at_validation(tmp_path, text):
+    f = tmp_path / ("bad.yaml" if text.startswith("-") else "bad.json")
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        _cfg("technique.engine=deepspeed", "technique.quantized_weights=false", "technique.quantized_gradients=false",
+             f"technique.deepspeed_config={f}")
+    assert e.value.key == "technique.deepspeed_config" and "\n" not in e.value.line() and str(f) in e.value.line()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["technique.engine=fsdp2"], "technique.quantized_weights"),
+    (["technique.engine=fsdp2", "technique.quantized_weights=false", "technique.quantized_gradients=false"],
+     "run.measure_saved_bytes"),
+    (["technique.engine=fsdp2", "technique.quantized_weights=false", "technique.quantized_gradients=false",
+      "run.measure_saved_bytes=false", "technique.prefetch=true"], "technique.prefetch"),
+    (["technique.engine=deepspeed", "technique.quantized_weights=false", "technique.quantized_gradients=false",
+      "technique.overlap_reduce=true"], "technique.overlap_reduce"),
+    (["technique.fsdp2_mesh=cube"], "technique.fsdp2_mesh"),
+    (["technique.plan_quant_GBps=-1"], "technique.plan_quant_GBps"),
+    (["technique.deepspeed_config=/no/such/file.json"], "technique.deepspeed_config"),
+])
+def test_bad_engine_settings_are_one_line(overrides, key):
+    with pytest.raises(UserError) as e:
+        _cfg(*overrides)
+    assert e.value.key == key and "\n" not in e.value.line()

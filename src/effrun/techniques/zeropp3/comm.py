@@ -5,9 +5,15 @@ all-to-all (each rank sends one chunk to every peer), over groups of global rank
 `Hierarchy`. Each send adds its payload bytes to `sent[level]`, the level of the link between
 sender and receiver, and `sent_by_op[op][level]`. Messages use one torch.distributed process
 group per hierarchy group (gloo here, nccl on GPUs).
+
+`twin()` makes a LevelComm with its OWN process groups (every rank creates them, same order) that
+shares the byte counters (under one lock): the engine's prefetch thread gathers on one twin and
+its reduction thread reduces on another, so collectives issued from different threads never meet
+on one process group (gloo matches point-to-point messages per group and tag, in posting order).
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
@@ -18,32 +24,47 @@ from effrun.techniques.zeropp3.hierarchy import LEVELS, Hierarchy
 
 
 class LevelComm:
-    def __init__(self, hier: Hierarchy, rank: int, make_groups: bool = True):
+    def __init__(self, hier: Hierarchy, rank: int, make_groups: bool = True, _shared=None, own_world: bool = False):
         self.h, self.rank = hier, rank
-        self.sent: Dict[str, int] = {lv: 0 for lv in LEVELS}
-        self.sent_by_op: Dict[str, Dict[str, int]] = defaultdict(lambda: {lv: 0 for lv in LEVELS})
-        self.messages = 0
+        if _shared is None:
+            _shared = ({lv: 0 for lv in LEVELS}, defaultdict(lambda: {lv: 0 for lv in LEVELS}), [0],
+                       threading.Lock())
+        self._shared = _shared
+        self.sent: Dict[str, int] = _shared[0]
+        self.sent_by_op: Dict[str, Dict[str, int]] = _shared[1]
+        self._lock = _shared[3]
         self.groups: Dict[tuple, Optional[object]] = {}
         if make_groups and dist.is_initialized() and hier.world > 1:
-            for g in hier.all_groups():  # every rank calls new_group for every group, same order
+            groups = hier.all_groups() + ([hier.world_group()] if own_world else [])
+            for g in groups:  # every rank calls new_group for every group, same order
                 pg = dist.new_group(g) if len(g) > 1 else None
                 if rank in g:
                     self.groups[tuple(g)] = pg
 
+    def twin(self) -> "LevelComm":
+        """Same counters, own process groups (the world group included). Collective: every rank."""
+        return LevelComm(self.h, self.rank, True, self._shared, own_world=True)
+
+    @property
+    def messages(self) -> int:
+        return self._shared[2][0]
+
     def reset(self) -> None:
-        for lv in LEVELS:
-            self.sent[lv] = 0
-        self.sent_by_op.clear()
-        self.messages = 0
+        with self._lock:
+            for lv in LEVELS:
+                self.sent[lv] = 0
+            self.sent_by_op.clear()
+            self._shared[2][0] = 0
 
     def _pg(self, group: Sequence[int]):
         return self.groups.get(tuple(group))
 
     def _count(self, op: str, dst: int, nbytes: int) -> None:
         lv = self.h.level(self.rank, dst)
-        self.sent[lv] += nbytes
-        self.sent_by_op[op][lv] += nbytes
-        self.messages += 1
+        with self._lock:
+            self.sent[lv] += nbytes
+            self.sent_by_op[op][lv] += nbytes
+            self._shared[2][0] += 1
 
     def _exchange(self, op, group, send: List[tuple], recv: List[tuple]) -> None:
         pg = self._pg(group)

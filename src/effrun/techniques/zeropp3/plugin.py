@@ -13,16 +13,18 @@ from effrun.technique import Technique
 
 class Zeropp3(Technique):
     def engine(self, model, params):
-        from effrun.techniques.zeropp3.engines import DeepSpeedZero3, ZeroEngine
+        from effrun.techniques.zeropp3.engines import DeepSpeedZero3, Fsdp2Engine, ZeroEngine
 
         if self.cfg.engine == "deepspeed":
             return DeepSpeedZero3(self.ctx, model, params, self.cfg)
+        if self.cfg.engine == "fsdp2":
+            return Fsdp2Engine(self.ctx, model, params, self.cfg)
         return ZeroEngine(self.ctx, model, params, self.cfg)
 
     # --- cost model (mode=plan) ------------------------------------------------------------------
     def plan(self) -> None:
         from effrun.costmodel import levels_from_hardware
-        from effrun.techniques.zeropp3.costmodel import SCHEMES, project_zero, ratio
+        from effrun.techniques.zeropp3.costmodel import SCHEMES, project_zero, quant_rate, ratio
         from effrun.metrics.flops import count_params, nonembedding_params
 
         ctx, c, cfg = self.ctx, self.cfg, self.ctx.cfg
@@ -60,22 +62,30 @@ class Zeropp3(Technique):
         H = getattr(hc, "hidden_size", getattr(hc, "n_embd", 1))
         wire = 2.0 if c.plan_dtype in ("bfloat16", "float16") else 4.0
         devs = [int(d) for d in c.plan_devices]
+        qr = ({8: c.plan_quant_GBps, 4: c.plan_quant_GBps} if c.plan_quant_GBps else
+              {b: quant_rate(hw.get("memory_bw_GBps"), b) for b in (8, 4)})
         rows = project_zero(P, Pn, L, H, levels, float(peak), devs, c.plan_micro_batch, c.plan_seq_len,
-                            eff, c.overlap, SCHEMES, wire)
+                            eff, SCHEMES, wire, prefetch=c.prefetch, overlap_reduce=c.overlap_reduce, quant_GBps=qr,
+                            qw=c.quantized_weights, qg=c.quantized_gradients)
         rec = ctx.start_recorder(len(rows), f"plan zeropp3 {cfg.model.name} on {hw.name}")
         for i, r in enumerate(rows):
-            rec.log_step(i, **{k: v for k, v in r.items() if k != "parts"},
+            rec.log_step(i, **{k: v for k, v in r.items() if k not in ("parts", "terms")},
                          **{f"comm_{k}_s": v for k, v in r["parts"].items()})
         top = max(devs)
         rec.set("projected/target", f"{cfg.model.name} on {hw.name} ({c.plan_dtype}), {top} devices max")
         rec.set("projected/params", P)
         rec.set("projected/compute_efficiency", eff)
         rec.set("projected/compute_efficiency_source", eff_src)
+        rec.set("info/plan_overlap", f"prefetch={c.prefetch} overlap_reduce={c.overlap_reduce}; quantise+dequantise "
+                f"{qr[8]:.1f} (INT8) / {qr[4]:.1f} (INT4) GB/s")
         for r in rows:
             if r["devices"] == top:
                 rec.set(f"projected/{r['scheme']}_tflops_per_device_at_{top}", r["tflops_per_device"])
                 rec.set(f"projected/{r['scheme']}_scaling_efficiency_at_{top}", r["scaling_efficiency"])
                 rec.set(f"projected/{r['scheme']}_comm_s_at_{top}", r["comm_s"])
+                rec.set(f"projected/{r['scheme']}_exposed_comm_s_at_{top}", r["exposed_comm_s"])
+                rec.set(f"projected/{r['scheme']}_quant_s_at_{top}", r["quant_s"])
+                rec.set(f"projected/{r['scheme']}_step_s_at_{top}", r["step_s"])
                 rec.set(f"projected/{r['scheme']}_scaling_efficiency_multinode_at_{top}",
                         r["scaling_efficiency_multinode"])
                 rec.set(f"projected/{r['scheme']}_model_state_GB_at_{top}", r["model_state_GB"])
@@ -84,6 +94,26 @@ class Zeropp3(Technique):
         rec.set(f"projected/hier3_over_zero3_tflops_at_{top}", ratio(rows, "hier3", "zero3", top))
         if ctx.is_main:
             _write_table(ctx.run_dir, rows, hw.name, cfg.model.name)
+            (ctx.run_dir / "zeropp3_terms.md").write_text(terms_table(rows, top, f"{cfg.model.name} on {hw.name}, "
+                                                                       f"prefetch={c.prefetch}, overlap_reduce="
+                                                                       f"{c.overlap_reduce}"))
+
+
+def terms_table(rows, W: int, title: str) -> str:
+    """Markdown: every collective and kernel of each scheme at W devices, time hidden / exposed."""
+    lines = [f"# Term by term at {W} devices: {title} (projected)", "",
+             "| scheme | term | level | GB sent/device | time s | of it latency s | hidden s | exposed s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["devices"] != W:
+            continue
+        for name, t in r["terms"].items():
+            lines.append(f"| {r['scheme']} | {name} | {t['level']} | {t['bytes_sent'] / 1e9:.2f} | {t['seconds']:.3f} | "
+                         f"{t['latency_s']:.3f} | {t['hidden_s']:.3f} | {t['exposed_s']:.3f} |")
+        lines.append(f"| {r['scheme']} | compute | - | - | {r['compute_s']:.3f} | - | - | {r['compute_s']:.3f} |")
+        lines.append(f"| {r['scheme']} | **step** | - | - | **{r['step_s']:.3f}** | - | - | "
+                     f"{r['tflops_per_device']:.1f} TFLOPS/device |")
+    return "\n".join(lines) + "\n"
 
 
 def _f(v) -> str:
