@@ -42,6 +42,18 @@ def test_other_devices_survivor_counts():
     assert len(prune(lite_space(), PruneRule(16, 32 * 1024, 0.0, 0.0))) > 100
 
 
+def test_the_original_codes_device_table():
+    """nnjit-web's own device settings (CPU_SIMD128_REGISTERS, CPU_MAX_L1_CACHE_SIZE): x86 laptops 16 / 32 KiB,
+    phones 32 / no L1 rule (-1), the default 32 / 64 KiB; V8 on x86-64 keeps xmm15 as scratch (15 allocatable)."""
+    count = lambda regs, l1: len(prune(lite_space(), PruneRule(regs, l1)))  # noqa: E731
+    assert count(16, 32 * 1024) == 5 and count(15, 32 * 1024) == 5      # 14 registers lie in both ranges
+    assert count(32, 64 * 1024) == 4
+    # no L1 rule: (8, 8) with 8 | mb and 8 | nb (6 x 6 block sizes) x 7 kb
+    phones = prune(lite_space(), PruneRule(32, 0))
+    assert len(phones) == 6 * 6 * 7 == 252 and {(t.mr, t.nr) for t in phones} == {(8, 8)}
+    assert prune(lite_space(), PruneRule(32, -1)) == phones
+
+
 def test_rules_match_brute_force_definition():
     """Re-state the rules independently (counting v128 values, bytes of panels) over the raw product."""
     rule = PruneRule(16, 32 * 1024)
