@@ -94,8 +94,11 @@ class Experiment:
         p = cfg.parallelism
         if p.launcher == "spawn" and p.world_size > 1:
             return self._run_spawned(p.world_size)
-        if p.launcher == "env" and p.world_size > 1:
-            from effrun.launch import env_rank, init_process_group, teardown
+        from effrun.launch import env_rank
+
+        if p.launcher == "env" and (p.world_size > 1 or env_rank() is not None):
+            # ranks from torchrun / Slurm tasks (a 1-rank group too: the NCCL check on one GPU)
+            from effrun.launch import init_process_group, teardown
 
             r = env_rank()
             if r is None or r[1] != p.world_size:
