@@ -8,7 +8,23 @@ import yaml
 from effrun.config.paths import find_config, group_options
 from effrun.errors import UserError
 
-GROUPS = ("technique", "model", "data", "hardware", "parallelism", "logger", "recipe")
+GROUPS = ("family", "technique", "model", "data", "hardware", "parallelism", "logger", "recipe")
+
+
+def _family_of(group: str, option: str) -> str:
+    """The task family a model/data option names (explicitly, or through its schema default)."""
+    f = find_config(group, option)
+    try:
+        d = yaml.safe_load(f.read_text()) or {} if f else {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    if d.get("family"):
+        return str(d["family"])
+    for entry in d.get("defaults") or []:
+        name = str(entry)
+        if name.endswith(f"_{group}"):
+            return name[: -len(f"_{group}")].replace("_", "-")
+    return ""
 
 
 def _describe(group: str, option: str) -> str:
@@ -35,6 +51,10 @@ def list_options(group: Optional[str]) -> int:
 
     for g in ([group] if group else GROUPS):
         print(f"{g}:")
+        if g == "family":
+            for name, spec in registry.families().items():
+                print(f"  {name:<22} [{'/'.join(spec.modes)}; {spec.unit}/s] {spec.description}")
+            continue
         if g == "technique":
             specs = registry.techniques()
             for name, spec in specs.items():
@@ -42,7 +62,8 @@ def list_options(group: Optional[str]) -> int:
                 print(f"  {name:<18} [{modes}] {spec.description}")
             continue
         for opt in group_options(g):
-            print(f"  {opt:<18} {_describe(g, opt)}")
+            fam = f"[{_family_of(g, opt)}] " if g in ("model", "data") else ""
+            print(f"  {opt:<18} {fam}{_describe(g, opt)}")
     return 0
 
 
