@@ -376,3 +376,50 @@ def test_flop_counter_counts_the_paca_op_forward_and_its_backward_matmuls():
     with FlopCounterMode(display=False) as fc:
         ops.paca_linear(x, w, None, torch.tensor([1, 4]), p, 1.0).sum().backward()
     assert fc.get_total_flops() == 2 * rows * d_in * d_out + 2 * rows * d_out * d_in + 2 * rows * d_out * r
+
+
+# --- every layer owns its own index buffer with its own draw ----------------------------------
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_every_layer_owns_its_index_buffer_with_its_own_draw(tmp_path, quantize):
+    """The indices of each targeted layer are that layer's own draw from the one seeded generator
+    (in module order), in a buffer no other layer shares, and stay so through a saved checkpoint
+    and a load into a model built with another seed. Two layers sharing one `paca_idx` tensor
+    (or one draw) fail here: the reference draws differ from layer to layer."""
+    from effrun.techniques.common import find_linears
+
+    model = tiny_llama(torch.float32)
+    names = list(find_linears(model, DEFAULT_TARGETS))
+    widths = [m.in_features for m in find_linears(model, DEFAULT_TARGETS).values()]
+    layers = apply_paca(model, 8, 16.0, DEFAULT_TARGETS, seed=7, quantize=quantize)
+    assert list(layers) == names
+    gen = torch.Generator().manual_seed(7)
+    ref = [torch.sort(torch.randperm(w, generator=gen)[:8]).values for w in widths]  # one draw per layer
+    assert len({tuple(r.tolist()) for r in ref}) == len(ref)  # the reference draws all differ
+    idx = [layers[n].paca_idx for n in names]
+    for got, want in zip(idx, ref):
+        assert torch.equal(got, want)
+    assert len({_storage(t) for t in idx}) == len(idx)  # one buffer per layer, none shared
+    idx[0][0] = idx[0][0] + 1  # writing one layer's indices leaves every other layer's alone
+    assert all(torch.equal(t, r) for t, r in zip(idx[1:], ref[1:]))
+    idx[0][0] = idx[0][0] - 1
+
+    # a checkpoint (the model state saved by torch.save) keeps per-layer buffers and draws ...
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)
+    saved = [sd[f"{n}.paca_idx"] for n in names]
+    assert len({_storage(t) for t in saved}) == len(saved)
+    for got, want in zip(saved, ref):
+        assert torch.equal(got, want)
+    # ... and loading it into a model built with another seed restores each layer's own draw
+    other = tiny_llama(torch.float32, seed=3)
+    other_layers = apply_paca(other, 8, 16.0, DEFAULT_TARGETS, seed=11, quantize=quantize)
+    other.load_state_dict(sd)
+    loaded = [other_layers[n].paca_idx for n in names]
+    assert len({_storage(t) for t in loaded}) == len(loaded)
+    for got, want in zip(loaded, ref):
+        assert torch.equal(got, want)
