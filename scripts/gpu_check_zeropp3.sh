@@ -2,7 +2,7 @@
 # ZeRO++ on one GPU: (1) the effrun qwZ/qgZ block quantisers (INT8 / INT4, torch) on the GPU:
 # throughput and error on a 20B-GPT-layer-sized buffer; (2) the DeepSpeed engine path with the
 # ZeRO++ quantised collectives ON (zero_quantized_weights / zero_quantized_gradients, stage 3), one
-# process, a few steps of a tiny Llama in bf16. Writes $OUT/zeropp3.json. < 3 minutes.
+# process, a few steps of a tiny Llama in bf16, with overlap_comm on. Writes $OUT/zeropp3.json. < 3 minutes.
 # Needs torch (+CUDA) and transformers; hydra-core/omegaconf importable (PYTHONPATH). DeepSpeed is
 # taken from the environment or installed offline from $EFFRUN_WHEELS (or shared/wheels) when a
 # deepspeed wheel is there; without it part (2) is recorded as skipped.
@@ -28,7 +28,8 @@ WORK=$(mktemp -d)
 DS_RC=skipped
 if $PY -c "import deepspeed" 2>/dev/null; then
   if [ "$GPU" = 1 ]; then
-    DS=(hardware=h100-sxm run.dtype=bfloat16 technique.quantized_weights=true technique.quantized_gradients=true)
+    DS=(hardware=h100-sxm run.dtype=bfloat16 technique.quantized_weights=true technique.quantized_gradients=true
+        technique.overlap_comm=true)
   else
     DS=(hardware=cpu technique.quantized_weights=false technique.quantized_gradients=false)
   fi
