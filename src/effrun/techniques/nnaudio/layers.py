@@ -17,11 +17,13 @@ Fixed kernels (trainable=False) take the fastest exact path measured on this mac
 - CQT kind="1992": every bin's full-length wavelet at the input rate; one rfft of the longest
   kernel's size per frame, then the sparse basis applied band by band.
 
-trainable=True turns the kernels into ``nn.Parameter`` s, applied as plain products of frames and
-kernels (nnAudio's conv1d with stride=hop, written as unfold + GEMM): STFT: the windowed
-cos/sin kernels; Mel: those and the mel filterbank; MFCC: those two (the DCT stays fixed); CQT:
-the time-domain wavelets (2010: one octave's kernels shared by all octaves, as nnAudio's
-CQT2010v2). At initialisation a trainable layer computes the same function as the fixed one.
+trainable=True turns the kernels into ``nn.Parameter`` s (stored at unit max magnitude, the scale
+kept aside, so one learning rate suits all of them): STFT: the windowed cos/sin kernels, applied
+as nnAudio's strided conv1d; Mel: those and the mel filterbank (used clamped at >= 0, so band
+energies stay non-negative); MFCC: those two (the DCT stays fixed); CQT: the time-domain wavelets
+as a GEMM with the frames (2010: one octave's kernels shared by all octaves, as nnAudio's
+CQT2010v2; 1992: a strided conv1d). At initialisation a trainable layer computes the same
+function as the fixed one.
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def _f32(a) -> torch.Tensor:
     """Kernels in torch's default dtype (float32 unless set otherwise, as nn.Linear's weights);
     built in float64 from float64 numpy so a float64 layer is exact, not float32-rounded."""
     return torch.tensor(np.ascontiguousarray(a), dtype=torch.get_default_dtype())
+
+
+def _trainable(module: nn.Module, name: str, value: np.ndarray) -> None:
+    """Register `value` as a trainable kernel stored at unit max magnitude, with its scale kept
+    aside: the layer uses param * scale. Same function and function class; it only makes one
+    learning rate fit every kernel (a slaney mel filterbank peaks at ~0.03 and CQT wavelets at
+    ~1e-3, so Adam's ~lr-sized steps had moved the raw mel matrix 16x its own norm in one epoch)."""
+    scale = float(np.abs(value).max()) or 1.0
+    module.register_parameter(name, nn.Parameter(_f32(value / scale)))
+    setattr(module, f"{name}_scale", scale)
 
 
 def _as_batch(x: torch.Tensor, key: str) -> torch.Tensor:
@@ -106,7 +118,7 @@ class STFT(nn.Module):
         self.trainable = bool(trainable)
         if self.trainable:
             # rows: w[n] cos(2 pi k n / N) for k = 0..F-1, then -w[n] sin(2 pi k n / N)
-            self.kernel = nn.Parameter(_f32(K.fourier_kernels(n_fft, win).T))  # [2F, n_fft]
+            _trainable(self, "kernel", K.fourier_kernels(n_fft, win).T)  # [2F, n_fft]
         else:
             self.register_parameter("kernel", None)
 
@@ -152,7 +164,7 @@ class STFT(nn.Module):
             xp = self._padded(x)
             # trainable: nnAudio's strided conv1d with the cos/sin kernels (fwd+bwd 1.4-2.2x faster
             # here than unfold + matmul); whole batch, [B, 2F, T] -> spectra as [B, T, F] views
-            y = F.conv1d(xp[:, None], self.kernel.to(xp.dtype)[:, None], stride=self.hop_length)
+            y = F.conv1d(xp[:, None], (self.kernel * self.kernel_scale).to(xp.dtype)[:, None], stride=self.hop_length)
             nf = self.n_freq
             return post(y[:, :nf].transpose(1, 2), y[:, nf:].transpose(1, 2), graph, None).transpose(1, 2)
         B, T = x.shape[0], self.n_frames(x.shape[-1])
@@ -204,7 +216,7 @@ class MelSpectrogram(STFT):
         self.sample_rate, self.n_mels, self.power = sample_rate, n_mels, float(power)
         self.fmin, self.fmax = float(fmin), fmax
         if self.trainable:
-            self.mel = nn.Parameter(_f32(basis))  # [M, F]
+            _trainable(self, "mel", basis)  # [M, F]
             self.bands = []
         else:
             self.register_parameter("mel", None)
@@ -215,7 +227,9 @@ class MelSpectrogram(STFT):
     def _mel(self, p, out=None):
         """p [c, T, F] -> [c, T, M]."""
         if self.mel is not None:
-            return torch.matmul(p, self.mel.to(p.dtype).t())
+            # a filterbank weight below zero would make a band's energy negative and its log
+            # undefined: trained weights are used clamped at 0 (zeros can still grow)
+            return torch.matmul(p, (self.mel.clamp_min(0) * self.mel_scale).to(p.dtype).t())
         outs = [torch.matmul(p[..., b.c0:b.c1], getattr(self, f"mel_band_{j}").to(p.dtype))
                 for j, b in enumerate(self.bands)]
         return torch.cat(outs, -1) if out is None else torch.cat(outs, -1, out=out)
@@ -278,10 +292,15 @@ class CQT(nn.Module):
         build = K.cqt_plan_2010 if kind == "2010" else K.cqt_plan_1992
         self.plan = build(sample_rate, hop_length, fmin, n_bins, bins_per_octave, filter_scale, sparsity)
         self.longest = int(math.ceil(self.plan.lengths.max()))
-        self.reflect_pad = max(o.n_fft // 2 for o in self.plan.octaves)
+        # reflect padding of octave o needs its (decimated) signal longer than n_fft//2
+        d, need = self.plan.early, 0
+        for o in self.plan.octaves:
+            d += int(o.decimate)
+            need = max(need, (o.n_fft // 2) * 2 ** d)
+        self.reflect_pad = need
         for j, ker in enumerate(self.plan.kernels):
             if self.trainable:
-                setattr(self, f"kernel_{j}", nn.Parameter(_f32(ker)))
+                _trainable(self, f"kernel_{j}", ker)
             else:
                 self.register_buffer(f"kernel_{j}", _f32(ker), persistent=False)
         if self.plan.fir is not None:
@@ -368,11 +387,12 @@ class CQT(nn.Module):
         c = B if (graph or x.device.type != "cpu") else max(1, CHUNK_BYTES // (4 * x.shape[-1]))
         if c >= B:
             return self._forward_octaves(x, graph)
-        out = torch.empty(B, self.n_bins, self.n_frames(x.shape[-1]), device=x.device,
-                          dtype=x.dtype if self.output == "magnitude" else torch.complex(x[:1, :1], x[:1, :1]).dtype)
+        cdt = {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(x.dtype, torch.complex64)
+        out = torch.empty(B, self.n_frames(x.shape[-1]), self.n_bins, device=x.device,
+                          dtype=x.dtype if self.output == "magnitude" else cdt)
         for i in range(0, B, c):
-            out[i:i + c] = self._forward_octaves(x[i:i + c], graph)
-        return out
+            out[i:i + c] = self._forward_octaves(x[i:i + c], graph).transpose(1, 2)
+        return out.transpose(1, 2)
 
     def _forward_octaves(self, x, graph):
         xs = x
@@ -382,7 +402,8 @@ class CQT(nn.Module):
         for o in self.plan.octaves:
             if o.decimate:
                 xs = self._decimate(xs)
-            ker = getattr(self, f"kernel_{o.kernel}").to(x.dtype)
+            ker = getattr(self, f"kernel_{o.kernel}")
+            ker = (ker * getattr(self, f"kernel_{o.kernel}_scale", 1.0)).to(x.dtype)
             m_all = ker.shape[1] // 2
             a, b = o.kernel_rows
             if (a, b) != (0, m_all):
