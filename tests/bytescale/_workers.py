@@ -33,8 +33,16 @@ def plans(world):
             "static": P.make_plan("static", LENGTHS, world, CAPACITY, cost, static_cp=4)}
 
 
-def _attention_check(rank, world):
-    """Ring attention over zigzag pieces (every wave of a plan) vs dense causal attention, fwd + grads."""
+# (impl, overlap, dtype, output tolerance, gradient tolerance): every ring implementation vs dense
+ATTN_CASES = [("fused", True, torch.float64, 1e-10, 1e-10), ("fused", False, torch.float64, 1e-10, 1e-10),
+              ("math", True, torch.float64, 1e-10, 1e-10), ("reference", False, torch.float64, 1e-10, 1e-10),
+              ("fused", True, torch.float32, 5e-6, 2e-5), ("math", True, torch.float32, 5e-6, 2e-5)]
+
+
+def _attention_check(rank, world, impl, overlap, dtype):
+    """Ring attention over zigzag pieces (every wave of a plan) vs dense causal attention, fwd + grads.
+    The naive plan splits 200 and 160 over ranks (one ring each); the static plan puts several
+    sequences in one 4-rank ring (one call per sequence and step)."""
     torch.manual_seed(5)
     H, Hkv, D = 4, 2, 8
     lengths = [200, 70, 9, 33, 160]
@@ -42,50 +50,56 @@ def _attention_check(rank, world):
     ks = [torch.randn(Hkv, s, D, dtype=torch.float64) for s in lengths]
     vs = [torch.randn(Hkv, s, D, dtype=torch.float64) for s in lengths]
     ws = [torch.randn(H, s, D, dtype=torch.float64) for s in lengths]
-    plan = P.make_plan("naive", lengths, world, 64, P.Cost(1.0, 0.0))
-    index = E.PlanIndex(plan)
-    dq = [torch.zeros_like(t) for t in qs]
-    dk = [torch.zeros_like(t) for t in ks]
-    dv = [torch.zeros_like(t) for t in vs]
-    out_err = 0.0
+    R.configure(impl=impl, overlap=overlap)
+    out_err = grad_err = 0.0
     ringed = 0
-    for mb in plan.ranks[rank]:
-        lay = index.layout(rank, mb)
-        ringed += lay.ring is not None
-        order = [p for p in mb.pieces if len(p.ring) > 1] + [p for p in mb.pieces if len(p.ring) == 1]
-        sl = [(p.seq, a, b) for p in order for a, b in p.ranges]
-        q = torch.cat([qs[i][:, a:b] for i, a, b in sl], 1).requires_grad_(True)
-        k = torch.cat([ks[i][:, a:b] for i, a, b in sl], 1).requires_grad_(True)
-        v = torch.cat([vs[i][:, a:b] for i, a, b in sl], 1).requires_grad_(True)
-        with R.use_layout(lay):
-            out, _ = R.attention_forward(None, q[None], k[None], v[None], scaling=D ** -0.5)
-        out = out[0].transpose(0, 1)  # [H, T, D]
-        w = torch.cat([ws[i][:, a:b] for i, a, b in sl], 1)
-        (out * w).sum().backward()
-        off = 0
-        for i, a, b in sl:
-            n = b - a
-            ref = R.dense_reference(qs[i], ks[i], vs[i], D ** -0.5, torch.zeros(lengths[i]), torch.arange(lengths[i]))
-            out_err = max(out_err, float((out[:, off:off + n] - ref[:, a:b]).abs().max()))
-            dq[i][:, a:b] += q.grad[:, off:off + n]
-            dk[i][:, a:b] += k.grad[:, off:off + n]
-            dv[i][:, a:b] += v.grad[:, off:off + n]
-            off += n
-    grad_err = 0.0
-    for i, s in enumerate(lengths):
-        for t in (dq[i], dk[i], dv[i]):
-            dist.all_reduce(t)
-        q, k, v = (x.clone().requires_grad_(True) for x in (qs[i], ks[i], vs[i]))
-        ref = R.dense_reference(q, k, v, D ** -0.5, torch.zeros(s), torch.arange(s))
-        (ref * ws[i]).sum().backward()
-        grad_err = max(grad_err, float((dq[i] - q.grad).abs().max()), float((dk[i] - k.grad).abs().max()),
-                       float((dv[i] - v.grad).abs().max()))
-    return {"attn_out_err": out_err, "attn_grad_err": grad_err, "ringed_micro_batches": ringed}
+    bytes0 = R.COMM["bytes"]
+    for plan in (P.make_plan("naive", lengths, world, 64, P.Cost(1.0, 0.0)),
+                 P.make_plan("static", lengths, world, 64, P.Cost(1.0, 0.0), static_cp=4)):
+        index = E.PlanIndex(plan)
+        dq = [torch.zeros_like(t) for t in qs]
+        dk = [torch.zeros_like(t) for t in ks]
+        dv = [torch.zeros_like(t) for t in vs]
+        for mb in plan.ranks[rank]:
+            lay = index.layout(rank, mb)
+            ringed += lay.ring is not None
+            order = [p for p in mb.pieces if len(p.ring) > 1] + [p for p in mb.pieces if len(p.ring) == 1]
+            sl = [(p.seq, a, b) for p in order for a, b in p.ranges]
+            q = torch.cat([qs[i][:, a:b] for i, a, b in sl], 1).to(dtype).requires_grad_(True)
+            k = torch.cat([ks[i][:, a:b] for i, a, b in sl], 1).to(dtype).requires_grad_(True)
+            v = torch.cat([vs[i][:, a:b] for i, a, b in sl], 1).to(dtype).requires_grad_(True)
+            with R.use_layout(lay):
+                out, _ = R.attention_forward(None, q[None], k[None], v[None], scaling=D ** -0.5)
+            out = out[0].transpose(0, 1)  # [H, T, D]
+            w = torch.cat([ws[i][:, a:b] for i, a, b in sl], 1).to(dtype)
+            (out * w).sum().backward()
+            off = 0
+            for i, a, b in sl:
+                n = b - a
+                ref = R.dense_reference(qs[i], ks[i], vs[i], D ** -0.5, torch.zeros(lengths[i]),
+                                        torch.arange(lengths[i]))
+                out_err = max(out_err, float((out[:, off:off + n].detach().double() - ref[:, a:b]).abs().max()))
+                dq[i][:, a:b] += q.grad[:, off:off + n].double()
+                dk[i][:, a:b] += k.grad[:, off:off + n].double()
+                dv[i][:, a:b] += v.grad[:, off:off + n].double()
+                off += n
+        for i, s in enumerate(lengths):
+            for t in (dq[i], dk[i], dv[i]):
+                dist.all_reduce(t)
+            q, k, v = (x.clone().requires_grad_(True) for x in (qs[i], ks[i], vs[i]))
+            ref = R.dense_reference(q, k, v, D ** -0.5, torch.zeros(s), torch.arange(s))
+            (ref * ws[i]).sum().backward()
+            grad_err = max(grad_err, float((dq[i] - q.grad).abs().max()), float((dk[i] - k.grad).abs().max()),
+                           float((dv[i] - v.grad).abs().max()))
+    R.configure(impl="fused", overlap=True)
+    return {"attn_out_err": out_err, "attn_grad_err": grad_err, "ringed_micro_batches": ringed,
+            "bytes": R.COMM["bytes"] - bytes0}
 
 
 def worker(rank, world, path):
     torch.set_num_threads(1)
-    res = {"attention": _attention_check(rank, world)}
+    res = {"attention": {c[:3]: _attention_check(rank, world, *c[:3]) for c in ATTN_CASES},
+           "fused_kernel_used": {str(k): v is R.FUSED["cpu"] for k, v in R._CHECKED.items()}}
     attn = R.register()
     seqs = sequences(LENGTHS)
     for name, plan in plans(world).items():

@@ -34,5 +34,14 @@ def test_single_process_runs_write_measured_keys_and_strategies_agree(effrun, tm
         assert s["measured/max_tokens_per_rank_micro_batch"] <= 128
         assert s["measured/step_time_s"] > 0
         out[st] = [x["loss"] for x in r.metrics() if "loss" in x]
+        if st == "balance":  # the profile pass ran once, before step 0, on the calibration batches
+            from effrun.techniques.bytescale import planner as P
+            from effrun.techniques.bytescale.plugin import calibration_lengths
+
+            want = sum(len(P.plan_naive(ls, 1, 128, P.Cost()).ranks[0])
+                       for ls in calibration_lengths(128, 1, [64, 256, 1024], 128, 8)[1:])
+            assert s["measured/cost_fit/profile_micro_batches"] == want > 0
+        else:  # naive and static plans do not use the cost: no profile pass
+            assert "measured/cost_fit/profile_micro_batches" not in s
     assert len(out["balance"]) == 2
     assert out["balance"] == pytest.approx(out["naive"], abs=1e-4)

@@ -174,3 +174,49 @@ def test_cost_fit_recovers_coefficients_and_drives_balance():
     assert P.imbalance(real) <= 0.05
     assert P.imbalance(real) < P.imbalance(P.Plan("n", 4, 1024, ls, P.make_plan("naive", ls, 4, 1024, fitted).ranks,
                                                   true).rank_cost())
+
+
+def test_calibration_batches_cover_every_ring_size():
+    """The profile pass's measured batches hold one sequence for each ring size d = 2..world (with
+    different lengths in the two batches, so s^2/d and s/d separate), local sequences of every
+    profile length up to C, and nothing longer than the run's max_len."""
+    pytest.importorskip("torch")
+    from effrun.techniques.bytescale.plugin import calibration_lengths
+
+    warm, a, b = calibration_lengths(1024, 4, [64, 256, 1024, 2048], 4096, 8)
+    for batch in (a, b):
+        assert sorted(-(-s // 1024) for s in batch if s > 1024) == [2, 3, 4]
+        assert {s for s in batch if s <= 1024} == {64, 256, 1024}
+    assert [s for s in a if s > 1024] != [s for s in b if s > 1024]
+    _, a, _ = calibration_lengths(1024, 4, [64, 256], 2048, 8)
+    assert max(a) <= 2048 and sorted(-(-s // 1024) for s in a if s > 1024) == [2]
+    assert all(s <= 128 for s in sum(calibration_lengths(128, 1, [64, 256], 128, 8), []))
+
+
+def test_projection_breakdown_adds_up_and_what_ifs_move_the_right_terms():
+    """The breakdown's terms add up to the step time the projection reports (critical rank: linear +
+    attention + exposed ring + TP collectives; ring = hidden + exposed; step = critical + ZeRO-1
+    reduce-scatter + all-gather); without overlap nothing is hidden; fewer KV bytes never slow static."""
+    b = CM.project_breakdown("llama-70b", "h100-sxm", 1024, 262144, global_tokens=1 << 23)
+    for st in ("static", "naive", "balance"):
+        x = b[st]
+        c = x["critical"]
+        assert c["total_s"] == pytest.approx(c["lin_s"] + c["attn_s"] + c["ring_exposed_s"] + c["tp_comm_s"])
+        assert c["ring_hidden_s"] + c["ring_exposed_s"] == pytest.approx(c["ring_intra_s"] + c["ring_inter_s"])
+        assert x["step_s"] == pytest.approx(c["total_s"] + x["reduce_scatter_s"] + x["all_gather_s"])
+        assert c["tp_comm_s"] > 0 and x["reduce_scatter_s"] > 0  # 70B: tp = 8
+    assert b["tp"] == 8 and b["ranks_per_node"] == 1 and b["static"]["critical"]["ring_intra_s"] == 0
+    nb = CM.project_breakdown("llama-70b", "h100-sxm", 1024, 262144, global_tokens=1 << 23, overlap=False)
+    assert all(nb[st]["critical"]["ring_hidden_s"] == 0 for st in ("static", "naive", "balance"))
+    assert nb["static"]["step_s"] > b["static"]["step_s"]
+
+
+def test_quick_batch_below_one_wave_leaves_nothing_to_balance():
+    """The old --quick projection (8M tokens on 1024 GPUs) is under one wave of the cluster (ranks x
+    C): each rank holds at most about one micro-batch, so balance cannot differ from naive; the full
+    32M-token batch is several waves and balance beats naive."""
+    small = CM.project_one("llama-7b", "h100-sxm", 1024, 262144, global_tokens=1 << 23, batches=1)
+    full = CM.project_one("llama-7b", "h100-sxm", 1024, 262144, global_tokens=1 << 25, batches=1)
+    assert small["batch_waves"] < 1 < 2 < full["batch_waves"]
+    assert small["balance_step_s"] == pytest.approx(small["naive_step_s"], rel=0.01)
+    assert full["balance_step_s"] < 0.9 * full["naive_step_s"]

@@ -15,6 +15,7 @@ from effrun.technique import TechniqueSpec
 
 STRATEGIES = ("naive", "balance", "static")
 DISTRIBUTIONS = ("byted", "github", "fixed")
+RING_IMPLS = ("fused", "math", "reference")
 
 
 @dataclass
@@ -29,6 +30,11 @@ class ByteScaleConfig:
     buckets: int = 0  # 0 -> min(world size, 8)
     static_cp: int = 0  # static mesh CP degree; 0 -> smallest power of two holding the longest sequence
     min_chunk: int = 8  # smallest zigzag chunk (tokens)
+    # ring attention: fused (flash kernel returning the log-sum-exp, own backward), math (same schedule,
+    # eager block kernel) or reference (eager, autograd through the exchanges); overlap posts the next
+    # KV block's send/recv before computing the current block
+    ring_impl: str = "fused"
+    ring_overlap: bool = True
     # data: sequence lengths from a long-tail distribution, real tokens from the data config's stream
     distribution: str = "byted"
     min_len: int = 64
@@ -39,6 +45,9 @@ class ByteScaleConfig:
     # end, then refitted every step from the measured micro-batch CPU times of all ranks)
     cost_source: str = "profile"
     profile_lengths: List[int] = field(default_factory=lambda: [64, 256, 1024, 2048])
+    # write bytescale_trace.jsonl in the run dir: per step and rank, every micro-batch's features,
+    # predicted cost and measured CPU/wall/wait seconds (what the imbalance metrics are made of)
+    trace: bool = False
     # selective activation offload (Eq. 3)
     offload: bool = False
     offload_bw_GBps: float = 0.0  # 0 -> hardware.host_link bandwidth (or 16 GB/s without one)
@@ -68,6 +77,9 @@ def check(cfg, node) -> None:
     if node.cost_source not in ("flops", "profile"):
         raise UserError(f"unknown cost source {node.cost_source!r}", key="technique.cost_source",
                         choices=["flops", "profile"])
+    if node.ring_impl not in RING_IMPLS:
+        raise UserError(f"unknown ring attention implementation {node.ring_impl!r}", key="technique.ring_impl",
+                        choices=RING_IMPLS)
     if node.min_chunk < 1:
         raise UserError("must be >= 1", key="technique.min_chunk")
     if node.capacity < 2 * node.min_chunk:

@@ -203,20 +203,17 @@ def features(plan: Plan, mb: MicroBatch) -> List[float]:
 
 
 def fit_cost(records) -> Tuple[List[float], float]:
-    """Non-negative least squares (active set by dropping negative terms) of time on features."""
+    """Non-negative least squares (scipy's Lawson-Hanson NNLS) of time on features, columns scaled
+    to unit norm so the solver sees a well-conditioned problem; returns (coefficients, r^2)."""
     import numpy as np
+    from scipy.optimize import nnls
 
     X = np.array([f for f, _ in records], dtype=float)
     y = np.array([t for _, t in records], dtype=float)
-    active = list(range(X.shape[1]))
-    coef = np.zeros(X.shape[1])
-    while active:
-        sol, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
-        if (sol >= 0).all():
-            coef[:] = 0
-            coef[active] = sol
-            break
-        active = [a for a, v in zip(active, sol) if v >= 0] if (sol < 0).any() else active
+    norms = np.linalg.norm(X, axis=0)
+    norms[norms == 0] = 1.0
+    sol, _ = nnls(X / norms, y)
+    coef = sol / norms
     pred = X @ coef
     ss = float(((y - y.mean()) ** 2).sum())
     r2 = 1 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 0.0

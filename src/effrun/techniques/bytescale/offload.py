@@ -7,8 +7,10 @@ r is as large as the copy can hide under compute: Act(s) r / B <= T(s), with
 min(1, l Act(C) / ((l-2) Act(s))) <= r <= 1 (otherwise no offload).
 
 `OffloadHooks` applies it with torch.autograd.graph.saved_tensors_hooks on the chosen decoder
-layers: tensors saved for backward go to host memory (pinned, non-blocking on CUDA; a separate host
-copy on CPU) and come back on unpack, bit for bit.
+layers: tensors saved for backward go to host memory and come back on unpack, bit for bit. On CUDA
+the copies run on side streams (device-to-host under the forward's compute, host-to-device
+prefetched a layer ahead in the backward), as Eq. 3's "copy hidden under compute" requires; on CPU
+a separate host copy stands in for host memory.
 """
 from __future__ import annotations
 
@@ -73,20 +75,49 @@ def fit_quadratic(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, floa
     return float(sol[0]), float(sol[1]), float(sol[2])
 
 
-class OffloadHooks:
-    """Offload what the given layers save for backward; context manager around a forward pass."""
+class _Packed:
+    """One saved tensor in host memory (CUDA): where it goes back to, and the copies in flight."""
+    __slots__ = ("device", "host", "d2h", "dev", "h2d", "layer")
 
-    def __init__(self, model, layer_ids: Sequence[int]):
+    def __init__(self, device, host, d2h, layer):
+        self.device, self.host, self.d2h, self.layer = device, host, d2h, layer
+        self.dev, self.h2d = None, None
+
+
+class OffloadHooks:
+    """Offload what the given layers save for backward; context manager around a forward pass.
+
+    CUDA: each saved tensor is copied into pinned host memory on a side stream (after the compute
+    stream's pending work, so the copy reads the finished tensor); the compute stream goes on while
+    the copy runs (the overlap Eq. 3 assumes). The tensor's memory is handed back to the caching
+    allocator only after that copy has finished (record_stream). In the backward, the first tensor
+    needed from an offloaded layer brings back that layer's and the next offloaded layer's tensors on
+    a second side stream (prefetch), and the compute stream waits only for the tensor it needs.
+    CPU: a separate host copy stands in for host memory (no streams); values come back bit for bit.
+    """
+
+    def __init__(self, model, layer_ids: Sequence[int], use_streams: bool = True):
         import torch
 
         self.torch = torch
-        self.layers = [model.model.layers[i] for i in layer_ids]
+        self.ids = list(layer_ids)
+        self.layers = [model.model.layers[i] for i in self.ids]
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
         self.bytes = 0
         self.count = 0
+        self.use_streams = use_streams
         self._handles = []
         self._ctx = []
+        self._layer = None  # index into self.ids of the layer whose forward is running
+        self._by_layer: dict = {}
+        self._streams: dict = {}  # device -> (d2h, h2d) side streams
+
+    def _side(self, device):
+        torch = self.torch
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
 
     def _pack(self, t):
         torch = self.torch
@@ -94,26 +125,62 @@ class OffloadHooks:
             return t
         self.bytes += t.numel() * t.element_size()
         self.count += 1
-        if t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-            host.copy_(t, non_blocking=True)
+        if t.device.type != "cuda":
+            return (t.device, t.detach().clone())  # CPU run: a separate host copy stands in for host memory
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        if not self.use_streams:
+            host.copy_(t, non_blocking=False)
             return (t.device, host)
-        return (t.device, t.detach().clone())  # CPU run: a separate host copy stands in for host memory
+        d2h, _ = self._side(t.device)
+        d2h.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before the copy reads it
+        with torch.cuda.stream(d2h):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(d2h)
+        t.record_stream(d2h)  # the allocator will not reuse t's memory before the copy has read it
+        packed = _Packed(t.device, host, done, self._layer)
+        self._by_layer.setdefault(self._layer, []).append(packed)
+        return packed
 
-    @staticmethod
-    def _unpack(packed):
+    def _fetch(self, layer) -> None:
+        """Start bringing back every not yet fetched tensor of one offloaded layer (side stream)."""
+        torch = self.torch
+        for p in self._by_layer.get(layer, ()):
+            if p.dev is None and p.host is not None:
+                _, h2d = self._side(p.device)
+                h2d.wait_event(p.d2h)
+                with torch.cuda.stream(h2d):
+                    p.dev = p.host.to(p.device, non_blocking=True)
+                    p.h2d = torch.cuda.Event()
+                    p.h2d.record(h2d)
+
+    def _unpack(self, packed):
         if isinstance(packed, tuple):
             dev, host = packed
             return host.to(dev, non_blocking=True)
-        return packed
+        if not isinstance(packed, _Packed):
+            return packed
+        torch = self.torch
+        if packed.dev is None:
+            self._fetch(packed.layer)
+            if packed.layer is not None and packed.layer > 0:
+                self._fetch(packed.layer - 1)  # the backward reaches the previous offloaded layer next
+        cur = torch.cuda.current_stream(packed.device)
+        cur.wait_event(packed.h2d)
+        out = packed.dev
+        out.record_stream(cur)  # made on the side stream, used (and freed) on the compute stream
+        packed.dev, packed.host = None, None
+        return out
 
     def _pre(self, mod, args):
+        self._layer = self.layers.index(mod)
         ctx = self.torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         ctx.__enter__()
         self._ctx.append(ctx)
 
     def _post(self, mod, args, out):
         self._ctx.pop().__exit__(None, None, None)
+        self._layer = None
 
     def __enter__(self):
         for layer in self.layers:

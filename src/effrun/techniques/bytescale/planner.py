@@ -69,6 +69,9 @@ class Cost:
     r: float = 0.0  # per ring step of a distributed sequence (extra block launches), fitted
     a1_ring: Optional[float] = None  # quadratic term of ring (blockwise) attention; None -> a1
     unit: str = "flops"  # "flops" (analytic) or "s" (fitted from measured times)
+    # ring transfer time of a sequence of s tokens over d ranks, overlapping its attention (the
+    # cluster projection's cost: a piece then costs linear + max(attention, transfer)); None -> no term
+    comm: Optional[Callable[[float, int], float]] = field(default=None, repr=False, compare=False)
 
     def seq(self, s: float) -> float:
         return self.a1 * s * s + self.b1 * s + self.p
@@ -78,6 +81,8 @@ class Cost:
         if d == 1:
             return self.seq(s)
         a = self.a1 if self.a1_ring is None else self.a1_ring
+        if self.comm is not None:
+            return max(a * s * s / d, self.comm(s, d)) + self.b1 * s / d + self.p + self.r * (d - 1)
         return (a * s * s + self.b1 * s) / d + self.p + self.r * (d - 1)
 
     def max_len_for(self, budget: float) -> float:

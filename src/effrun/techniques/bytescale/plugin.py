@@ -76,6 +76,7 @@ class HDPPlan(BatchPlan):
         self.stats: Dict[str, list] = {}
         self.max_rank_tokens = 0
         self.offload_bytes = 0
+        self.profile_rows, self.profile_s = 0, 0.0
         self._cur: Dict[str, Any] = {}
 
     # --- planning --------------------------------------------------------------------------
@@ -84,6 +85,8 @@ class HDPPlan(BatchPlan):
         sequences (about equal tokens), each planned over all ranks and run after the previous one:
         the same global batch in g waves, so the gradient equals the one-wave step."""
         ctx, c, run = self.ctx, self.c, self.ctx.cfg.run
+        if self._needs_profile():
+            self.profile()
         lengths = self.t._lengths(step)
         seqs = L.cut_text(self.stream, lengths, seed=run.seed * 7919 + step)
         mbs, plans = [], []
@@ -92,17 +95,68 @@ class HDPPlan(BatchPlan):
             plan = self.t._plan(c.strategy, sub, self.cost)
             plans.append(plan)
             self.max_rank_tokens = max([self.max_rank_tokens] + [mb.tokens for mbs_ in plan.ranks for mb in mbs_])
-            index = E.PlanIndex(plan)
-            sub_seqs = [seqs[i] for i in group]
-            for mb in plan.ranks[ctx.rank]:
-                ids, labels, pos = E.assemble(mb, sub_seqs)
-                batch = {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
-                lay = index.layout(ctx.rank, mb)
-                mbs.append(MicroBatch(batch, context=lambda lay=lay, mb=mb, plan=plan: self._micro(lay, mb, plan)))
-        self._cur = {"plans": plans, "records": [], "tokens": 0, "compute_s": 0.0, "cpu_s": 0.0, "wait_s": 0.0,
-                     "mbs": len(mbs)}
+            mbs += self._micro_batches(plan, [seqs[i] for i in group])
+        self._reset(plans, len(mbs))
         n = sum(lengths)
         return StepPlan(mbs, n_global=n, units=n, samples=len(lengths))
+
+    def _micro_batches(self, plan, seqs) -> List[MicroBatch]:
+        index, rank, out = E.PlanIndex(plan), self.ctx.rank, []
+        for mb in plan.ranks[rank]:
+            ids, labels, pos = E.assemble(mb, seqs)
+            batch = {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
+            lay = index.layout(rank, mb)
+            out.append(MicroBatch(batch, context=lambda lay=lay, mb=mb, plan=plan: self._micro(lay, mb, plan)))
+        return out
+
+    def _reset(self, plans, n_mbs: int) -> None:
+        self._cur = {"plans": plans, "records": [], "detail": [], "tokens": 0, "compute_s": 0.0, "cpu_s": 0.0,
+                     "wait_s": 0.0, "mbs": n_mbs}
+
+    # --- the profiled cost model ---------------------------------------------------------------
+    def _needs_profile(self) -> bool:
+        """The balance scheduler plans with a profiled cost: profile once before the first planned
+        step (not after a resume, whose checkpoint holds the fit)."""
+        c = self.c
+        return c.cost_source == "profile" and (c.strategy == "balance" or c.offload) and not self.fit_rows
+
+    def profile(self) -> None:
+        """Time forward + backward of calibration micro-batches on every rank (local sequences of the
+        profile lengths, single and packed; sequences over d = 2..world ranks, two lengths each) and
+        fit the cost from all ranks' records, so the first planned step already knows what ring and
+        local attention cost here. A short pass first warms up (allocations, kernel checks) and is
+        not recorded. The gradients it leaves are dropped."""
+        ctx, c = self.ctx, self.c
+        t0 = time.perf_counter()
+        fam, model = ctx.family, self.t.model
+        flops = self.t._flops_cost()
+        rows = []
+        for k, lengths in enumerate(calibration_lengths(c.capacity, ctx.world_size, list(c.profile_lengths),
+                                                        c.max_len, c.min_chunk)):
+            plan = P.plan_naive(lengths, ctx.world_size, c.capacity, flops, min_chunk=c.min_chunk)
+            seqs = L.cut_text(self.stream, lengths, seed=104_729 + k)
+            mbs = self._micro_batches(plan, seqs)
+            self._reset([plan], len(mbs))
+            for mb in mbs:
+                batch = fam.to_device(mb.batch)
+                with mb.context():
+                    loss, _ = fam.loss(model, batch)
+                    (loss / sum(lengths)).backward()
+            if k > 0:
+                rows += self._cur["records"]
+        for p in model.parameters():
+            p.grad = None
+        self._cur = {}
+        for r in ctx.all_gather_object(rows):
+            self.fit_rows.extend(r)
+        self.profile_rows = len(self.fit_rows)
+        self.profile_s = time.perf_counter() - t0
+        self._refit()
+
+    def _refit(self) -> None:
+        coef, _ = E.fit_cost(self.fit_rows)  # same records on every rank -> the same plan everywhere
+        if coef[0] > 0 or coef[1] > 0 or coef[2] > 0:
+            self.cost = P.Cost(a1=coef[0], a1_ring=coef[1], b1=coef[2], p=coef[3], r=coef[4], g=coef[5], unit="s")
 
     @contextlib.contextmanager
     def _micro(self, lay, mb, plan):
@@ -124,6 +178,11 @@ class HDPPlan(BatchPlan):
         cur["cpu_s"] += cpu
         cur["wait_s"] += wait
         cur["records"].append((E.features(plan, mb), cpu))
+        if self.c.trace:
+            cur["detail"].append({"wave": mb.wave, "tokens": mb.tokens, "pieces": len(mb.pieces),
+                                  "ring": len(mb.ring or ()), "pred": plan.cost.g + sum(
+                                      plan.cost.piece(plan.lengths[p.seq], len(p.ring)) for p in mb.pieces),
+                                  "cpu_s": cpu, "wall_s": wall, "wait_s": wait})
         if off is not None:
             self.offload_bytes += off.bytes
 
@@ -140,8 +199,8 @@ class HDPPlan(BatchPlan):
     # --- after each step: the ranks' times side by side -------------------------------------
     def after_step(self, step: int, result: Dict[str, Any]) -> Dict[str, Any]:
         ctx, c, run, cur = self.ctx, self.c, self.ctx.cfg.run, self._cur
-        rows = ctx.all_gather_object({k: cur[k] for k in ("tokens", "compute_s", "cpu_s", "wait_s", "records", "mbs")}
-                                     | {"step_s": result["step_time_s"]})
+        rows = ctx.all_gather_object({k: cur[k] for k in ("tokens", "compute_s", "cpu_s", "wait_s", "records", "mbs",
+                                                          "detail")} | {"step_s": result["step_time_s"]})
         predicted = [sum(x) for x in zip(*(p.rank_cost() for p in cur["plans"]))]
         vals = {"token_imbalance": P.imbalance([r["tokens"] for r in rows]),
                 "compute_imbalance": P.imbalance([r["cpu_s"] for r in rows]),
@@ -151,6 +210,16 @@ class HDPPlan(BatchPlan):
                 "micro_batches_max": max(r["mbs"] for r in rows),
                 "micro_batches_min": min(r["mbs"] for r in rows),
                 "step_time_max_s": max(r["step_s"] for r in rows)}
+        if c.trace and ctx.is_main:
+            import json
+
+            cost = cur["plans"][0].cost
+            row = {"step": step, "strategy": c.strategy, "predicted": predicted,
+                   "cost": [cost.a1, cost.a1_ring, cost.b1, cost.p, cost.r, cost.g, cost.unit],
+                   "ranks": [{k: r[k] for k in ("cpu_s", "compute_s", "wait_s", "tokens", "mbs", "step_s", "detail")}
+                             for r in rows]}
+            with open(ctx.run_dir / "bytescale_trace.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         if step >= run.warmup_steps or run.max_steps <= run.warmup_steps:
             for k, v in vals.items():
                 self.stats.setdefault(k, []).append(v)
@@ -159,17 +228,15 @@ class HDPPlan(BatchPlan):
             for r in rows:
                 self.fit_rows.extend(r["records"])
         if c.cost_source == "profile" and self.fit_rows:
-            coef, _ = E.fit_cost(self.fit_rows)  # same records on every rank -> the same plan everywhere
-            if coef[0] > 0 or coef[2] > 0:
-                self.cost = P.Cost(a1=coef[0], a1_ring=coef[1], b1=coef[2], p=coef[3], r=coef[4], g=coef[5],
-                                   unit="s")
+            self._refit()
         return vals
 
     def state_dict(self):
         cost = self.cost
         return {"fit_rows": [(list(map(float, f)), float(t)) for f, t in self.fit_rows],
                 "cost": [cost.a1, cost.a1_ring, cost.b1, cost.p, cost.r, cost.g, cost.unit],
-                "stats": {k: v for k, v in self.stats.items()}, "max_rank_tokens": self.max_rank_tokens}
+                "stats": {k: v for k, v in self.stats.items()}, "max_rank_tokens": self.max_rank_tokens,
+                "profile": [self.profile_rows, self.profile_s]}
 
     def load_state_dict(self, state) -> None:
         if not state:
@@ -179,6 +246,7 @@ class HDPPlan(BatchPlan):
         self.cost = P.Cost(a1=a1, a1_ring=a1r, b1=b1, p=p, r=r, g=g, unit=unit)
         self.stats = dict(state["stats"])
         self.max_rank_tokens = int(state["max_rank_tokens"])
+        self.profile_rows, self.profile_s = state.get("profile", (0, 0.0))
 
     # --- summary -----------------------------------------------------------------------------
     def summary(self) -> Dict[str, Any]:
@@ -209,6 +277,9 @@ class HDPPlan(BatchPlan):
             _, r2f = E.fit_cost([([fl.a1 * (f[0] + f[1]) + fl.b1 * f[2]], t) for f, t in self.fit_rows])
             out["measured/cost_fit/r2_flops_only"] = r2f
             out["measured/cost_fit/micro_batches"] = len(self.fit_rows)
+        if self.profile_rows:
+            out["measured/cost_fit/profile_micro_batches"] = self.profile_rows
+            out["measured/cost_fit/profile_s"] = self.profile_s
         if self.c.project and self.ctx.is_main:
             out.update(self.t.projection())
         return out
@@ -227,6 +298,26 @@ def split_groups(lengths: List[int], groups: int) -> List[List[int]]:
             cur = []
     out.append(cur)
     return [g for g in out if g]
+
+
+def calibration_lengths(capacity: int, world: int, profile_lengths: List[int], max_len: int,
+                        min_chunk: int) -> List[List[int]]:
+    """The profile pass's batches: a warm-up batch, then two measured ones. Each measured batch has
+    local sequences of every profile length (packed to C: 1..C/L pieces per micro-batch) and, for every
+    ring size d = 2..world a run may need (d C - C/4 or d C - C/2 tokens <= max_len), one sequence over
+    d ranks; the two batches differ in the ring lengths so s^2/d and s/d are told apart."""
+    top = min(capacity, max_len)
+    local = []
+    for n in sorted({x for x in profile_lengths if 0 < x <= top} | {top}):
+        local += [n] * max(1, capacity // n)
+    out = []
+    for cut in (2, 4):
+        ring = [d * capacity - capacity // cut for d in range(2, world + 1)]
+        out.append(local + [s for d, s in zip(range(2, world + 1), ring)
+                            if s <= max_len and s // (2 * d) >= min_chunk])
+    warm = [top] * world + ([2 * capacity] if world > 1 and 2 * capacity <= max_len and capacity // 2 >= min_chunk
+                            else [])
+    return [warm] + out
 
 
 class ByteScale(Technique):
@@ -251,6 +342,7 @@ class ByteScale(Technique):
         from effrun.families.causal_lm.loss import unwrap
 
         unwrap(model).set_attn_implementation(R.register())
+        R.configure(impl=self.cfg.ring_impl, overlap=self.cfg.ring_overlap)
         self.model = model
         return model
 
