@@ -6,6 +6,14 @@ warm-up, then timed iterations; images/s), run for several execution modes side 
 - compile: `torch.compile` (inductor; on CPU with weight freezing)
 - onnx:    exported with the TorchScript ONNX exporter, run by onnxruntime (CPU provider)
 
+One protocol for `effrun infer` and the benchmark: `optimize_for_inference` (the model as users run
+it), `prepare` (one callable per backend, built the same way for both; the first call is
+preparation), warm-up calls, timed calls, and `images_per_s` = images of the timed calls / their
+total time. `effrun infer` (session.py) counts warm-up and timed calls (`run.warmup_steps`,
+`run.max_steps`: the infer loop's rounds, timed by the loop); `time_callable` (the benchmark, which
+also times timm's model, not an effrun model) runs them for a wall-clock window as the paper's
+speed_test does (10 s warm-up, then until 60 s; shortened by its flags).
+
 `load_timm()` imports timm for baselines and cross-checks. timm imports torchvision at import time,
 and PyPI's torchvision does not import beside torch 2.13.0 CPU; when that is the only obstacle, a stub
 that answers torchvision's names with inert placeholders is installed first (timm's model code runs
@@ -114,6 +122,57 @@ def timm_model(variant: str, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
+# the model as users run it
+
+def optimize_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: eval; every Conv-BN folded (EfficientViT's ConvBN / head, the CGA a ViT got from the
+    `cga` technique, and nn.Conv2d -> nn.BatchNorm2d pairs in an nn.Sequential such as the CNN's);
+    each cascaded group attention's [heads, N, N] bias gathered once; no parameter requires grad."""
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from effrun.families.image_classification import efficientvit as ev
+
+    model.eval()
+    for mod in list(model.modules()):
+        if isinstance(mod, nn.Sequential):
+            for i in range(len(mod) - 1):
+                a, b = mod[i], mod[i + 1]
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and b.track_running_stats:
+                    mod[i], mod[i + 1] = fuse_conv_bn_eval(a, b), nn.Identity()
+    return ev.optimize_for_inference(model)  # walks every module: ConvBN, ClassifierHead, CGA biases
+
+
+def count_macs(model: torch.nn.Module, x1: torch.Tensor) -> int:
+    """Multiply-adds of one forward of `x1` (FlopCounterMode FLOPs / 2: convolutions, linears, attention
+    matmuls; element-wise ops not counted). torch's counter has no rule for the CPU fused-attention
+    kernel: CGA runs its explicit-matmul kernel while counting, and the MHSA's SDPA gets torch's own
+    SDPA formula for that kernel (so CGA and MHSA are counted alike). The model's mode is restored."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash}
+
+    from effrun.families.image_classification.efficientvit import CascadedGroupAttention
+
+    impls = [(m, m.attn_impl) for m in model.modules() if isinstance(m, CascadedGroupAttention)]
+    was = model.training
+    try:
+        for m, _ in impls:
+            m.attn_impl = "matmul"
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+            model(x1)
+        return int(fc.get_total_flops()) // 2
+    finally:
+        for m, impl in impls:
+            m.attn_impl = impl
+        model.train(was)
+
+
+# ----------------------------------------------------------------------------------------------
 # the protocol
 
 @dataclass
@@ -146,9 +205,15 @@ class SpeedResult:
         return dict(self.__dict__)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+
+def images_per_s(images: int, seconds: float) -> float:
+    """The protocol's figure: images of the timed calls / their total time (not a median of calls)."""
+    return images / seconds if seconds > 0 else float("nan")
 
 
 def time_callable(fn: Callable[[], object], images_per_call: int, cfg: SpeedConfig,
@@ -158,15 +223,15 @@ def time_callable(fn: Callable[[], object], images_per_call: int, cfg: SpeedConf
     clock = time.process_time if cfg.clock == "process" else time.perf_counter
     t0 = time.perf_counter()
     fn()
-    _sync(cfg.device)
+    sync(cfg.device)
     while time.perf_counter() - t0 < cfg.warmup_s:
         fn()
-        _sync(cfg.device)
+        sync(cfg.device)
     n, t1, c1 = 0, time.perf_counter(), clock()
     last = t1
     while True:
         fn()
-        _sync(cfg.device)
+        sync(cfg.device)
         n += 1
         now = time.perf_counter()
         if progress is not None and now - last > 2.0:
@@ -175,7 +240,7 @@ def time_callable(fn: Callable[[], object], images_per_call: int, cfg: SpeedConf
         if n >= cfg.min_iters and now - t1 >= cfg.measure_s:
             break
     dt = clock() - c1
-    return n * images_per_call / dt, n, dt
+    return images_per_s(n * images_per_call, dt), n, dt
 
 
 @contextlib.contextmanager
