@@ -54,6 +54,11 @@ def parse(argv=None):
     p.add_argument("--latent", type=int, nargs=2, default=[16, 16], metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=1, help="run.threads (per process)")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats of every (length, mode)")
+    p.add_argument("--malloc-threshold", type=int, default=65536,
+                   help="glibc MALLOC_MMAP/TRIM_THRESHOLD_ of the runs (bytes; 0: the CLI's own 1 MB pin). This "
+                        "model's block tensors are ~0.2 MB, below 1 MB: with the CLI's pin freed activations stay "
+                        "in a fragmented heap and RSS creeps; 64 KB keeps them mmapped as a real model's MB-sized "
+                        "tensors are")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-measure", action="store_true")
@@ -109,8 +114,11 @@ def preflight(a, points) -> list:
     return keep
 
 
+MALLOC: dict = {}  # set by main from --malloc-threshold
+
+
 def effrun(args: list, root: Path) -> dict:
-    env = dict(os.environ, EFFRUN_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    env = dict(os.environ, EFFRUN_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1", WANDB_MODE="offline", **MALLOC)
     root.mkdir(parents=True, exist_ok=True)
     p = subprocess.run([sys.executable, "-m", "effrun.cli", *args], capture_output=True, text=True, env=env,
                        cwd=root)
@@ -132,7 +140,7 @@ def measure(a, points) -> list:
                 t0 = time.perf_counter()
                 s = effrun(["infer", *job(a, n), *mode_args(m, w)], runs / f"{m}{w}_{n}_r{rep}")
                 done += 1
-                row = {"mode": m, "world": w, "latent_frames": n, "repeat": rep,
+                row = {"mode": m, "world": w, "latent_frames": n, "repeat": rep, "allocator": s.get("allocator"),
                        "video_latents": s["measured/video_latents"], "loadavg": os.getloadavg()[0],
                        **{k: s[k] for k in s if k.startswith(("measured/", "info/"))}}
                 if m == "serial_block":
@@ -245,11 +253,15 @@ def main(argv=None) -> int:
         print(e.line(), file=sys.stderr)
         return 2
     out = Path(a.out)
+    if a.malloc_threshold:  # EFFRUN_NO_REEXEC: the CLI keeps these instead of re-pinning its own
+        MALLOC.update(MALLOC_MMAP_THRESHOLD_=str(a.malloc_threshold), MALLOC_TRIM_THRESHOLD_=str(a.malloc_threshold),
+                      EFFRUN_NO_REEXEC="1")
     load = os.getloadavg()
-    result = {"argv": sys.argv[1:], "loadavg_start": load, "cpu_count": os.cpu_count(), "args": vars(a)}
+    result = {"argv": sys.argv[1:], "loadavg_start": load, "cpu_count": os.cpu_count(), "args": vars(a),
+              "malloc": MALLOC or "the CLI's pin (1 MB)"}
     if not a.no_measure:
-        print(f"measuring (load average {load[0]:.2f}, {os.cpu_count()} cores; every run a fresh `effrun infer`)",
-              flush=True)
+        print(f"measuring (load average {load[0]:.2f}, {os.cpu_count()} cores; every run a fresh `effrun infer`; "
+              f"malloc {result['malloc']})", flush=True)
         rows = measure(a, points)
         result["measured"] = rows
         result["loadavg_end"] = os.getloadavg()

@@ -101,3 +101,39 @@ def test_stepwise_executor_equals_standard_sampler():
         ref = sample_full(m, cfg, noise, ctx)
     assert torch.equal(ex.latents(), ref) and not torch.equal(ref, noise)
     assert frames == [0] * (cfg.steps - 1) + [cfg.video_latents]
+
+
+def test_infer_loop_builds_the_whole_model_only_without_a_pipeline_executor():
+    """loops.infer asks the family (needs_model): a DualParal rank must not build the whole DiT."""
+    from types import SimpleNamespace
+
+    from effrun.families.video_diffusion.plugin import VideoDiffusion
+    from effrun.family import Family
+    from effrun.loops.infer import _session
+    from effrun.technique import Technique, TechniqueSpec
+
+    built = []
+
+    class Fam(VideoDiffusion):
+        def __init__(self):  # no config needed: the session is stubbed
+            pass
+
+        def build_model(self):
+            built.append(1)
+            return torch.nn.Linear(1, 1)
+
+        def infer_session(self, model, decoding=None, executor=None):
+            return ("session", model, executor)
+
+    class Ring(Technique):
+        def pipeline_executor(self):
+            return "ring"
+
+    tech = Ring(None, None)
+    tech.spec = TechniqueSpec(name="ring", config=object, plugin="x:y")
+    ctx = SimpleNamespace(family=Fam(), techniques=[tech])
+    assert _session(ctx) == (("session", None, "ring"), None) and built == []
+    ctx.techniques = []
+    (_, model, executor), _ = _session(ctx)
+    assert built == [1] and isinstance(model, torch.nn.Linear) and executor is None and not model.training
+    assert Family.needs_model(Fam(), "ring")  # the default (causal-lm, image): always build the model
