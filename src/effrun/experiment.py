@@ -148,7 +148,10 @@ class Experiment:
 
         c = self.cfg
         names = [n.name for n in technique_nodes(c).values()]
-        return {"run_id": self.run_id, "mode": self.mode, "model": c.model.name, "family": c.model.family,
+        # a technique that needs no task family (a plan, a non-torch target) runs without the model's
+        model_free = self.mode == "plan" or any(not registry.get(n).families for n in names)
+        return {"run_id": self.run_id, "mode": self.mode, "model": c.model.name,
+                "family": "none" if model_free else c.model.family,
                 "hardware": c.hardware.name, "technique": names[0] if names else "none",
                 "techniques": names or ["none"], "config_hash": config_hash(c), "run_dir": str(self.run_dir),
                 "world_size": self.world_size, "allocator": allocator_settings()}

@@ -129,7 +129,8 @@ def validate_plugins(cfg: DictConfig) -> None:
                         "machine; run on a present target or project onto it with mode=plan",
                         key="hardware", choices=[h for h in group_options("hardware")
                                                  if h == "cpu" or (h and cuda_present())])
-    if cfg.model.source == "asset" and not projecting:
+    model_free = any(not s.families for s in specs)  # a target runner or plan: no torch model is built
+    if cfg.model.source == "asset" and not projecting and not model_free:
         from effrun.assets import asset_path
 
         asset_path(cfg.model.asset)  # raises UserError with the fix if missing
