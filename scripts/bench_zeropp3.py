@@ -389,6 +389,34 @@ def _bisect(f, lo, hi, target, steps=40, log=True):
     return math.sqrt(lo * hi) if log else (lo + hi) / 2
 
 
+def implied_pair(quant, overlap):
+    """The Infinity Fabric (8-GCD) and Slingshot (per GCD) effective bandwidths that together give the
+    paper's 3-level/ZeRO++ = 1.71 and ZeRO++/ZeRO-3 = 1.405 (then 3-level/ZeRO-3 = 2.40 follows): an
+    implied pair, printed beside the hardware config, never used to project."""
+    from dataclasses import replace
+
+    fl, _, _ = _frontier()
+
+    def rows(if_bw, ss_bw):
+        lv = list(fl)
+        lv[1] = replace(lv[1], bandwidth_GBps=if_bw)
+        lv[2] = replace(lv[2], bandwidth_GBps=ss_bw)
+        return project(lv, quant=quant, overlap=overlap, devices=(8, 384))
+
+    def if_for(ss_bw):
+        return _bisect(lambda bw: ratios(rows(bw, ss_bw))["hier3/zeropp"], 0.05, 5000, 1.71)
+
+    def zpp_over_z3(ss_bw):
+        x = if_for(ss_bw)
+        return 0.0 if x is None else ratios(rows(x, ss_bw))["zeropp/zero3"]
+
+    ss = _bisect(zpp_over_z3, 0.05, 500, 1.405, steps=30)
+    if ss is None:
+        return None
+    x = if_for(ss)
+    return dict(if_GBps=x, slingshot_GBps=ss, **ratios(rows(x, ss)))
+
+
 @functools.lru_cache(maxsize=None)
 def implied(quant, overlap):
     """Which single assumption, changed alone, gives each of the paper's ratios (None: none can)."""
@@ -513,6 +541,17 @@ def print_project():
         print(f"| {name} | " + " | ".join(_f(v, 2) for v in imp.values()) + " |")
     print("\n(hardware config: IF 50 GB/s per GCD, Slingshot 12.5 GB/s per GCD, compute efficiency 0.45; "
           "'-' = no value of that one parameter reaches the paper's ratio)")
+    print("\n### Two effective bandwidths together (implied by the paper's two independent ratios; not a fit, "
+          "not used to project)\n")
+    print("| assumptions | IF GB/s (8-GCD groups) | Slingshot GB/s per GCD | ZeRO++/ZeRO-3 | 3-level/ZeRO-3 | "
+          "3-level/ZeRO++ | 3-level scaling 8->384 |\n|---|---|---|---|---|---|---|")
+    for name, quant, overlap in (ASSUMPTIONS[0], ASSUMPTIONS[2]):
+        p = implied_pair(quant, overlap)
+        if p is None:
+            print(f"| {name} | - | - | - | - | - | - |")
+            continue
+        print(f"| {name} | {p['if_GBps']:.2f} | {p['slingshot_GBps']:.2f} | {p['zeropp/zero3']:.3f} | "
+              f"{p['hier3/zero3']:.3f} | {p['hier3/zeropp']:.3f} | {p['hier3 scaling 8->384']:.3f} |")
     print("\n### What-if: the 8-GCD Infinity Fabric all-gather at the bandwidth 3-level/ZeRO++ = 1.71 implies "
           "(one value, all three ratios; an implied scenario, not a fit)\n")
     print("| assumptions | IF GB/s | ZeRO++/ZeRO-3 | 3-level/ZeRO-3 | 3-level/ZeRO++ | 3-level scaling 8->384 |\n"
