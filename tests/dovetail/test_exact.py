@@ -70,3 +70,35 @@ def test_float32_target_bf16_draft_exact(prompt):
     out, _, _, _ = generate(dec, t, prompt, NEW)
     dec.close()
     assert out == ref
+
+
+@pytest.mark.parametrize("vocab", [8, 24])
+def test_restricted_draft_vocab_still_exact(target, trained_drafts, prompt, vocab):
+    """A frequency-ranked draft vocabulary (the n most frequent training tokens): trees hold only
+    those tokens, the output is still the target's."""
+    draft = trained_drafts["dgf"]
+    assert float(draft.token_counts.sum()) > 0  # recorded while training
+    keep = set(torch.topk(draft.token_counts, vocab).indices.tolist())
+    dec = DovetailDecoding(target, draft, 12, 6, 2, "cpu", "float64", draft_vocab=vocab)
+    seen = set()
+    orig = dec.worker.session.propose
+
+    def spy(f, t):
+        tree = orig(f, t)
+        seen.update(tree.tokens.tolist())
+        return tree
+
+    dec.worker.session.propose = spy
+    out, _, _, _ = generate(dec, target, prompt, NEW)
+    dec.close()
+    assert out == reference(target, prompt)
+    assert seen and seen <= keep
+
+
+def test_restricting_without_counts_is_one_line(target):
+    from effrun.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        DovetailDecoding(target, DraftHead.for_target(target, "dgf", 1).double(), 8, 4, 2, "cpu", "float64",
+                         draft_vocab=16)
+    assert e.value.key == "technique.draft_vocab" and "\n" not in e.value.line()

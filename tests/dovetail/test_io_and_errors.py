@@ -71,6 +71,7 @@ def test_missing_or_foreign_checkpoint(tmp_path, target):
     ("draft_dtype", "int8", "technique.draft_dtype"),
     ("ce_weight", -1.0, "technique.ce_weight"),
     ("ce_fraction", 0.0, "technique.ce_fraction"),
+    ("self_distill_tokens", -1, "technique.self_distill_tokens"),
 ])
 def test_bad_config_values(field, value, key):
     node = DovetailConfig(**{field: value})

@@ -116,3 +116,18 @@ def test_acceptance_length_definition():
     assert acceptance_length(7, 7) == 1.0
     with pytest.raises(ValueError):
         acceptance_length(3, 0)
+
+
+def test_self_distill_is_the_targets_greedy_continuation(target):
+    from effrun.techniques.dovetail.decoding import GreedyDecoding, generate
+    from effrun.techniques.dovetail.train import self_distill
+
+    ids = torch.randint(0, 64, (3, 14), generator=torch.Generator().manual_seed(2))
+    out = self_distill(target, ids, 6)
+    assert out.shape == ids.shape and torch.equal(out[:, :8], ids[:, :8])
+    for b in range(3):
+        ref, _, _, _ = generate(GreedyDecoding(target), target, ids[b:b + 1, :8], 6)
+        assert out[b, 8:].tolist() == ref
+    assert torch.equal(self_distill(target, ids, 0), ids)
+    with pytest.raises(ValueError):
+        self_distill(target, ids, 14)

@@ -44,6 +44,9 @@ class DovetailConfig:
     # ("auto": float16 on cuda, bfloat16 on a CPU with native bf16, else float32)
     draft_device: str = "auto"
     draft_dtype: str = "auto"
+    # draft vocabulary: 0 = the target's full vocabulary (the paper); n > 0 = the n most frequent
+    # training tokens (frequency-ranked, FR-Spec/EAGLE-3 style; lossless, cuts the draft's lm_head)
+    draft_vocab: int = 0
     # training loss (EAGLE's weights): reg_weight * SmoothL1(feature) + ce_weight * soft CE(tokens)
     reg_weight: float = 1.0
     ce_weight: float = 0.1
@@ -53,6 +56,9 @@ class DovetailConfig:
     # fraction of positions (random each step) that get the cross-entropy term; its sum is rescaled
     # (unbiased). 1.0 = EAGLE exactly; less cuts the lm_head cost that dominates training on a CPU
     ce_fraction: float = 1.0
+    # self-distillation: the last N tokens of each training block are replaced by the target's own
+    # greedy continuation of the rest (0: EAGLE's fixed-corpus training)
+    self_distill_tokens: int = 0
     init_seed: int = 0
 
 
@@ -82,11 +88,19 @@ def validate_fields(node) -> None:
     if node.draft_dtype not in DRAFT_DTYPES:
         raise UserError(f"unknown draft_dtype {node.draft_dtype!r}", key="technique.draft_dtype",
                         choices=DRAFT_DTYPES)
+    if int(node.draft_vocab) < 0:
+        raise UserError(f"draft_vocab={node.draft_vocab}: must be >= 0 (0 = full vocabulary)",
+                        key="technique.draft_vocab")
+    if int(node.draft_vocab) and int(node.top_k) > int(node.draft_vocab):
+        raise UserError(f"top_k={node.top_k} exceeds draft_vocab={node.draft_vocab}", key="technique.top_k")
     for k in ("reg_weight", "ce_weight", "feature_noise"):
         if float(getattr(node, k)) < 0:
             raise UserError(f"{k}={getattr(node, k)}: must be >= 0", key=f"technique.{k}")
     if not 0.0 < float(node.ce_fraction) <= 1.0:
         raise UserError(f"ce_fraction={node.ce_fraction}: must be in (0, 1]", key="technique.ce_fraction")
+    if int(node.self_distill_tokens) < 0:
+        raise UserError(f"self_distill_tokens={node.self_distill_tokens}: must be >= 0",
+                        key="technique.self_distill_tokens")
     if float(node.reg_weight) == 0 and float(node.ce_weight) == 0:
         raise UserError("reg_weight and ce_weight are both 0: nothing to train", key="technique.ce_weight")
 

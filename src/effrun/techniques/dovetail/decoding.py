@@ -158,10 +158,10 @@ class DraftWorker:
     It receives verified features + tokens and returns a tree; nothing else crosses."""
 
     def __init__(self, head: DraftHead, total_tokens: int, depth: int, top_k: int, device="auto", dtype="auto",
-                 threaded: bool = True):
+                 threaded: bool = True, vocab: int = 0):
         self.device, self.dtype = resolve_draft_device(str(device), str(dtype)) if isinstance(device, str) \
             else (device, dtype)
-        self.head = draft_copy(head, self.device, self.dtype)
+        self.head = draft_copy(head, self.device, self.dtype, vocab)
         self.session = DraftSession(self.head, total_tokens, depth, top_k)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dovetail-draft") if threaded else None
 
@@ -183,7 +183,8 @@ class DraftWorker:
         self.session.reset()
 
     def memory(self) -> Dict[str, int]:
-        weights = sum(t.numel() * t.element_size() for t in list(self.head.parameters()) + list(self.head.buffers()))
+        weights = sum(t.numel() * t.element_size() for n, t in list(self.head.named_parameters()) +
+                      list(self.head.named_buffers()) if n not in ("token_counts", "vocab_map"))
         out = {"draft_weight_bytes": int(weights), "draft_kv_peak_bytes": int(self.session.peak_cache_bytes)}
         if self.device.type == "cuda":
             out["draft_cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
@@ -200,7 +201,7 @@ class DovetailDecoding:
     name = "dovetail"
 
     def __init__(self, target, draft: DraftHead, total_tokens: int = 16, depth: int = 7, top_k: int = 10,
-                 draft_device="auto", draft_dtype="auto", threaded: bool = True):
+                 draft_device="auto", draft_dtype="auto", threaded: bool = True, draft_vocab: int = 0):
         from effrun.techniques.dovetail import DovetailConfig, validate_fields
 
         validate_fields(DovetailConfig(fusion=draft.spec.fusion, draft_layers=draft.spec.layers,
@@ -209,10 +210,13 @@ class DovetailDecoding:
         if draft.spec.hidden_size != target.config.hidden_size or draft.spec.vocab_size != vocab:
             raise UserError(f"draft has hidden size {draft.spec.hidden_size} / vocab {draft.spec.vocab_size}, the "
                             f"target {target.config.hidden_size} / {vocab}", key="technique.draft_path")
-        if top_k > vocab:
-            raise UserError(f"top_k={top_k} exceeds the vocabulary ({vocab})", key="technique.top_k")
+        if draft_vocab < 0 or draft_vocab > vocab:
+            raise UserError(f"draft_vocab={draft_vocab}: valid 0 (full) .. {vocab}", key="technique.draft_vocab")
+        if top_k > (draft_vocab or vocab):
+            raise UserError(f"top_k={top_k} exceeds the draft vocabulary ({draft_vocab or vocab})",
+                            key="technique.top_k")
         self.side = TargetSide(target)
-        self.worker = DraftWorker(draft, total_tokens, depth, top_k, draft_device, draft_dtype, threaded)
+        self.worker = DraftWorker(draft, total_tokens, depth, top_k, draft_device, draft_dtype, threaded, draft_vocab)
 
     def prefill(self, model, input_ids: torch.Tensor):
         self.worker.reset()

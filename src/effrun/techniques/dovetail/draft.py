@@ -188,7 +188,37 @@ class DraftHead(nn.Module):
         self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)
         self.register_buffer("lm_head_bias", None if lm_head_bias is None else lm_head_bias.detach(),
                              persistent=False)
+        # how often each token occurred in the training data (saved with the head): ranks the draft
+        # vocabulary when `restrict_vocab` keeps only the most frequent tokens
+        self.register_buffer("token_counts", torch.zeros(spec.vocab_size, dtype=torch.float32))
+        self.register_buffer("vocab_map", None, persistent=False)  # draft row -> token id, or None
         self._cache_kw = _layer_cache_kw()
+
+    @torch.no_grad()
+    def count_tokens(self, ids: torch.Tensor) -> None:
+        self.token_counts += torch.bincount(ids.flatten().to(self.token_counts.device),
+                                            minlength=self.spec.vocab_size).to(self.token_counts.dtype)
+
+    def restrict_vocab(self, n: int) -> "DraftHead":
+        """Draft over the n most frequent training tokens only (a frequency-ranked draft vocabulary,
+        as FR-Spec / EAGLE-3 do): the lm_head keeps n rows, tree tokens map back to full ids. The
+        target still verifies over its full vocabulary, so the output is unchanged; the draft's
+        per-step cost of the vocabulary projection drops by V/n."""
+        if n <= 0 or n >= self.spec.vocab_size:
+            return self
+        if float(self.token_counts.sum()) == 0:
+            raise UserError("this draft has no token counts (trained before they were recorded); use "
+                            "draft_vocab=0", key="technique.draft_vocab")
+        keep = torch.topk(self.token_counts.float(), n).indices.sort().values
+        self.vocab_map = keep.to(self.lm_head_weight.device)
+        self.lm_head_weight = self.lm_head_weight[self.vocab_map]
+        if self.lm_head_bias is not None:
+            self.lm_head_bias = self.lm_head_bias[self.vocab_map]
+        return self
+
+    def token_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Draft vocabulary rows -> token ids."""
+        return rows if self.vocab_map is None else self.vocab_map[rows]
 
     @classmethod
     def for_target(cls, target, fusion: str = "dgf", layers: int = 1, seed: int = 0) -> "DraftHead":
@@ -293,19 +323,23 @@ def load_draft(path, target) -> DraftHead:
     draft = DraftHead(spec, dec.get_input_embeddings().weight, head.weight, getattr(head, "bias", None))
     state = load_file(str(Path(path).expanduser()))
     missing, unexpected = draft.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "token_counts"]  # drafts saved before counts were recorded
     if missing or unexpected:
         raise UserError(f"draft {path} does not match its own header (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})", key="technique.draft_path")
     return draft.to(dtype=dec.get_input_embeddings().weight.dtype)
 
 
-def draft_copy(draft: DraftHead, device, dtype) -> DraftHead:
+def draft_copy(draft: DraftHead, device, dtype, vocab: int = 0) -> DraftHead:
     """A copy of the head for the draft device: its own embedding/lm_head copy there (what the
-    accelerator must hold), the trainable weights converted."""
+    accelerator must hold), the trainable weights converted; `vocab` > 0 keeps that many lm_head
+    rows (the most frequent training tokens)."""
     dev = DraftHead(draft.spec, draft.embed_weight.to(device=device, dtype=dtype),
                     draft.lm_head_weight.to(device=device, dtype=dtype),
                     None if draft.lm_head_bias is None else draft.lm_head_bias.to(device=device, dtype=dtype))
     dev.load_state_dict({k: v.detach() for k, v in draft.state_dict().items()})
+    counts = dev.token_counts.clone()
     dev = dev.to(device=device, dtype=dtype).eval()
+    dev.token_counts = counts.to(device)  # counts stay float32 (bf16 would round them)
     dev.fix_rope()
-    return dev
+    return dev.restrict_vocab(vocab)

@@ -61,14 +61,16 @@ class Dovetail(Technique):
         return [p for p in model.draft.parameters() if p.requires_grad]
 
     def loss(self, model, batch):
-        return model.loss(batch, self.cfg.reg_weight, self.cfg.ce_weight, self.cfg.feature_noise, self.cfg.ce_fraction)
+        c = self.cfg
+        return model.loss(batch, c.reg_weight, c.ce_weight, c.feature_noise, c.ce_fraction, c.self_distill_tokens)
 
     # --- infer seams ----------------------------------------------------------------------------
     def decoding(self):
         from effrun.techniques.dovetail.decoding import DovetailDecoding
 
         self.strategy = DovetailDecoding(self.target, self.draft, self.cfg.total_tokens, self.cfg.depth,
-                                         self.cfg.top_k, self.cfg.draft_device, self.cfg.draft_dtype)
+                                         self.cfg.top_k, self.cfg.draft_device, self.cfg.draft_dtype,
+                                         draft_vocab=self.cfg.draft_vocab)
         return self.strategy
 
     def after_round(self, i, rnd, dt) -> Dict:

@@ -85,6 +85,23 @@ def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, l
     return total, count
 
 
+@torch.no_grad()
+def self_distill(target, input_ids: torch.Tensor, n_new: int) -> torch.Tensor:
+    """The block with its last `n_new` tokens replaced by the target's own greedy continuation of
+    the first T - n_new (batched, KV cache). Training on what the target actually generates
+    (self-distillation, as Medusa-2/HASS do) matches the draft to the text it must predict at
+    inference; EAGLE's fixed-corpus training is n_new = 0."""
+    if n_new <= 0:
+        return input_ids
+    B, T = input_ids.shape
+    if n_new >= T:
+        raise ValueError(f"self-distillation needs a prompt: n_new={n_new} >= block length {T}")
+    prompt = input_ids[:, : T - n_new]
+    gen = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                          min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    return gen[:, :T]
+
+
 class DovetailTrainModule(nn.Module):
     """What `transform_model` returns in train mode: the frozen target and the trainable draft."""
 
@@ -101,15 +118,17 @@ class DovetailTrainModule(nn.Module):
         return self
 
     def loss(self, batch: dict, reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
-             ce_fraction: float = 1.0):
-        ids = batch["input_ids"]
+             ce_fraction: float = 1.0, self_distill_tokens: int = 0):
+        ids = self_distill(self.target, batch["input_ids"], self_distill_tokens)
+        if self.training:
+            self.draft.count_tokens(ids)
         feats = target_features(self.target, ids)
         mask = None
         if ce_fraction < 1.0:
             valid = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
             mask = ce_positions(valid, ce_fraction)
-        return eagle_loss(self.draft, feats, ids, batch.get("labels"), reg_weight, ce_weight, feature_noise,
-                          ce_mask=mask)
+        labels = None if self_distill_tokens else batch.get("labels")
+        return eagle_loss(self.draft, feats, ids, labels, reg_weight, ce_weight, feature_noise, ce_mask=mask)
 
     @torch.no_grad()
     def accuracy(self, batch: dict) -> Tuple[int, int]:

@@ -143,7 +143,8 @@ class DraftSession:
 
         self.head = head
         self.total_tokens, self.depth, self.top_k = int(total_tokens), int(depth), int(top_k)
-        self.top_k = min(self.top_k, int(head.spec.vocab_size))
+        rows = int(head.lm_head_weight.shape[0])  # the draft vocabulary (maybe restricted)
+        self.top_k = min(self.top_k, rows)
         self._cache_cls = DynamicCache
         self.reset()
 
@@ -168,12 +169,13 @@ class DraftSession:
         self.stable = n = base + m
         logp = F.log_softmax(head.logits(h[0, -1]).float(), dim=-1)
         top = logp.topk(k)
-        c_tok, c_score = [top.indices], [top.values]
+        top_tok = head.token_ids(top.indices)
+        c_tok, c_score = [top_tok], [top.values]
         c_par = [torch.full((k,), -1, dtype=torch.long, device=dev)]
         c_lvl = [torch.ones(k, dtype=torch.long, device=dev)]
         # frontier: candidate ids, scores, tokens, input features, ancestors among fed entries
         f_ids = torch.arange(k, device=dev)
-        f_score, f_tok = top.values, top.indices
+        f_score, f_tok = top.values, top_tok
         f_feat = h[0, -1:].expand(k, -1)
         f_anc = torch.zeros(k, 0, dtype=torch.bool, device=dev)
         n_cand = k
@@ -183,8 +185,9 @@ class DraftSession:
             pos = torch.full((1, k), n + level - 2, device=dev)
             hk = head(f_feat[None], f_tok[None], pos, additive_mask(allowed, dtype), self.cache)[0]
             lp = F.log_softmax(head.logits(hk).float(), dim=-1).topk(k)
+            lp_tok = head.token_ids(lp.indices)
             cum = f_score[:, None] + lp.values.clamp(max=0.0)           # [k, k]
-            c_tok.append(lp.indices.reshape(-1))
+            c_tok.append(lp_tok.reshape(-1))
             c_score.append(cum.reshape(-1))
             c_par.append(f_ids[:, None].expand(k, k).reshape(-1))
             c_lvl.append(torch.full((k * k,), level, dtype=torch.long, device=dev))
@@ -194,7 +197,7 @@ class DraftSession:
             f_anc = anc[rows]
             f_ids = n_cand + best
             f_score = cum.reshape(-1)[best]
-            f_tok = lp.indices.reshape(-1)[best]
+            f_tok = lp_tok.reshape(-1)[best]
             f_feat = hk[rows]
             n_cand += k * k
         self.peak_cache_bytes = max(self.peak_cache_bytes, cache_nbytes(self.cache))
