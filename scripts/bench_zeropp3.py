@@ -477,8 +477,6 @@ def print_calib(c):
 
 
 def print_steps(s):
-    from effrun.techniques.zeropp3.hierarchy import LEVELS
-
     print(f"\n## Engines side by side: 8 gloo ranks (2x2x2), tiny Llama d={s['hidden']}, {s['layers']} layers, "
           f"fp32, rounds alternated\n")
     print("| variant | sub-device B/iter | device B/iter | node B/iter | node / M | step s median [min, max] | "
@@ -499,7 +497,6 @@ def print_steps(s):
     print(f"\ncompute alone (no communication, every rank at once): forward {c['total_fwd_s']:.4f} s, backward "
           f"{c['total_bwd_s']:.4f} s; per unit fwd {[round(x, 4) for x in c['fwd_s']]}, "
           f"bwd {[round(x, 4) for x in c['bwd_s']]}")
-    _ = LEVELS
 
 
 def print_predict(rows):
