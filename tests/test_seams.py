@@ -28,7 +28,7 @@ CASES = {
     "bytescale-2ranks": BYTESCALE + TWO,
     "zeropp3-effrun-2ranks": ZERO + TWO + ["data.batch_size=2"],
     "zeropp3-deepspeed": DS + ["data.batch_size=2"],
-    "zeropp3-fsdp2-2ranks": ZERO + TWO + ["technique.engine=fsdp2", "run.measure_saved_bytes=false",
+    "zeropp3-fsdp2-2ranks": ZERO + TWO + ["technique.engine=fsdp2",
                                           "data.batch_size=2"],
 }
 
@@ -60,7 +60,7 @@ GA = {
     "default": ([], ["data.batch_size=1", "run.grad_accum=2"], ["data.batch_size=2"]),
     "zeropp3-effrun": (ZERO + TWO, ["data.batch_size=1", "run.grad_accum=2"], ["data.batch_size=2"]),
     "zeropp3-deepspeed": (DS, ["data.batch_size=1", "run.grad_accum=2"], ["data.batch_size=2"]),
-    "zeropp3-fsdp2": (ZERO + TWO + ["technique.engine=fsdp2", "run.measure_saved_bytes=false"],
+    "zeropp3-fsdp2": (ZERO + TWO + ["technique.engine=fsdp2"],
                       ["data.batch_size=1", "run.grad_accum=2"], ["data.batch_size=2"]),
     "bytescale": (BYTESCALE + TWO, ["run.grad_accum=2"], []),
 }

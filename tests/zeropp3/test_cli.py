@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
         "effrun": _run(d / "effrun", *TINY2, *UNQ, "run.max_steps=4", "run.checkpoint_every=2"),
         "deepspeed": _run(d / "ds", *TINY2, *UNQ, "technique.engine=deepspeed", "technique.overlap_comm=true",
                           f"technique.deepspeed_config={user}", "run.max_steps=3"),
-        "fsdp2": _run(d / "fsdp2", *TINY2, *UNQ, "technique.engine=fsdp2", "run.measure_saved_bytes=false",
+        "fsdp2": _run(d / "fsdp2", *TINY2, *UNQ, "technique.engine=fsdp2",
                       "run.max_steps=3"),
     }
 

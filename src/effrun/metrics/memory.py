@@ -44,6 +44,17 @@ def allocator_settings() -> dict:
     return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
 
 
+def _storage(t):
+    """The storage behind a tensor, through wrapper subclasses (FSDP2's DTensor: its local shard)."""
+    local = getattr(t, "_local_tensor", None)  # DTensor
+    if local is not None:
+        t = local
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage
+        return None
+
+
 class SavedTensorCounter:
     """Counts bytes autograd saves for backward, once per unique storage, excluding parameters.
 
@@ -54,16 +65,18 @@ class SavedTensorCounter:
     def __init__(self, model=None):
         self._param_ptrs = set()
         if model is not None:
-            for p in model.parameters():
-                self._param_ptrs.add(p.untyped_storage().data_ptr())
-            for b in model.buffers():
-                self._param_ptrs.add(b.untyped_storage().data_ptr())
+            for t in (*model.parameters(), *model.buffers()):
+                st = _storage(t)
+                if st is not None:
+                    self._param_ptrs.add(st.data_ptr())
         self._seen = {}
         self._ctx = None
 
     def _pack(self, t):
         try:
-            st = t.untyped_storage()
+            st = _storage(t)
+            if st is None:
+                return t
             ptr = st.data_ptr()
             if ptr not in self._param_ptrs and ptr not in self._seen and st.nbytes() > 0:
                 self._seen[ptr] = st.nbytes()

@@ -120,12 +120,6 @@ def check(cfg, node) -> None:
         raise UserError("FSDP2 has no quantised collectives (qwZ/qgZ); set technique.quantized_weights=false "
                         "technique.quantized_gradients=false or use technique.engine=effrun",
                         key="technique.quantized_weights", choices=["false"])
-    if node.engine == "fsdp2" and cfg.run.measure_saved_bytes:
-        # the loop's SavedTensorCounter reads every parameter's storage; FSDP2's DTensor parameters
-        # have none (wrapper tensors). Lift this once the counter skips them (core, metrics/memory.py)
-        raise UserError("the saved-tensor counter cannot read FSDP2's DTensor parameters; set "
-                        "run.measure_saved_bytes=false with technique.engine=fsdp2", key="run.measure_saved_bytes",
-                        choices=["false"])
     if node.engine == "deepspeed":
         on_gpu = cfg.hardware.kind in ("cuda", "rocm") and cfg.run.device != "cpu"
         if not on_gpu and (node.quantized_weights or node.quantized_gradients):
