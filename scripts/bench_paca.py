@@ -1,19 +1,33 @@
 #!/usr/bin/env python
-"""PaCA vs LoRA (and DoRA / full fine-tuning) side by side in one invocation, through the real CLI.
+"""PaCA vs LoRA (and the PaCA r=1 floor, QPaCA vs QLoRA, DoRA, full fine-tuning) through the real
+CLI, side by side in one invocation, with a timing protocol that survives a loaded machine.
 
-Every configuration is a separate `effrun train` process (clean peak RSS, same allocator
-settings: the CLI pins MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ = 1 MiB), same model, data,
-batch, sequence length, optimizer, lr and seed; PaCA r=16 vs LoRA/DoRA r=8 (equal trainable
-parameters on square layers). Prints a table and the PaCA/LoRA ratios the issue targets:
+Protocol (per mode, eager and/or compile, in ONE invocation):
+  * every configuration is a separate `effrun train` process (clean peak RSS; the CLI pins the
+    glibc malloc thresholds), same model, data, batch, sequence length, optimizer, lr and seed;
+  * the configurations alternate: rep 1 runs A B C, rep 2 runs A B C again, ... (--reps, >= 2 for
+    a ratio), so a change of load hits both sides of a ratio alike;
+  * each run drops its first --warmup steps (--compile-warmup under torch.compile: the first step
+    compiles and the next ones still settle) and times at least 5 steps (--steps);
+  * a configuration's time is the MEDIAN of its timed steps pooled over the reps, with the
+    relative inter-quartile range (IQR / median) as its spread;
+  * a ratio A/B is the ratio of the medians; its spread is the range (max - min) of the per-rep
+    ratios (A and B of the same rep ran back to back). A ratio whose spread exceeds the difference
+    it claims (|1 - ratio|) is REFUSED: printed as "refused" with its numbers, never as a ratio.
+  * every PaCA/LoRA time ratio is printed beside the floor, PaCA r=1 / LoRA ("paca1"): the time of
+    back-propagating through the frozen network with (almost) nothing trained, so a reader sees
+    how much of PaCA's time is PaCA's own.
 
-  step time <= 0.80 (eager and compiled), saved bytes <= 0.75, peak memory <= 0.85,
-  max sequence length under the same budget >= 1.25, eval loss within 2%.
+Configurations (--techniques): paca (r=16, alpha 64), paca1 (r=1: the floor), lora (r=8, alpha
+16), dora, full, qpaca (PaCA over an NF4 base, --nf4-backend), qlora (peft LoRA over the same NF4
+base). Ratios printed: paca/lora and paca1/lora (time, memory, saved bytes, loss), paca/paca1, and
+qpaca/qlora, dora/lora, full/lora when both ran. Targets from the issue: PaCA/LoRA step time <= 0.80
+eager and compiled, saved bytes <= 0.75, peak memory <= 0.85, max seq len >= 1.25.
 
-The max-seq-len budget defaults to LoRA's measured peak memory at the benchmark's sequence length
-(so LoRA's answer is about --seq and PaCA's shows how much further the same memory goes).
-
-  nice .venv/bin/python scripts/bench_paca.py                       # SmolLM2-135M, b4, s512, eager+compile
-  .venv/bin/python scripts/bench_paca.py --model llama-tiny --seq 128 --steps 3 --modes eager  # quick
+  nice .venv/bin/python scripts/bench_paca.py                                # SmolLM2-135M b4x512, eager+compile
+  nice .venv/bin/python scripts/bench_paca.py --techniques qpaca,qlora --modes eager   # QPaCA vs QLoRA
+  .venv/bin/python scripts/bench_paca.py --model llama-tiny --seq 128 --steps 5 --reps 2 --modes eager  # quick
+  .venv/bin/python scripts/bench_paca.py --nf4-backends       # NF4 backends: bitsandbytes / torchao / ours
   .venv/bin/python scripts/bench_paca.py --device cuda --dtype bfloat16 --hardware h100-sxm --seq 2048
 """
 from __future__ import annotations
@@ -21,36 +35,148 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 KEYS = ("measured/step_time_s", "measured/tokens_per_s", "measured/peak_mem_mb", "measured/saved_bytes",
-        "measured/params_trainable", "measured/loss", "measured/eval_loss")
-TECH = {"paca": ["+technique=paca"], "lora": ["+technique=lora"], "dora": ["+technique=dora"],
-        "full": ["+technique=none"]}
+        "measured/params_trainable", "measured/loss", "measured/eval_loss", "measured/flops_per_token",
+        "measured/qpaca_quantized_weight_bytes", "measured/qlora_quantized_weight_bytes")
+TECH = {"paca": ["+technique=paca"], "paca1": ["+technique=paca", "technique.r=1"],
+        "lora": ["+technique=lora"], "dora": ["+technique=dora"], "full": ["+technique=full"],
+        "qpaca": ["+technique=paca", "technique.quantize=nf4"], "qlora": ["+technique=qlora"]}
+# (numerator, denominator) pairs reported when both ran; the floor pair is printed beside paca/lora
+PAIRS = (("paca", "lora"), ("paca1", "lora"), ("paca", "paca1"), ("qpaca", "qlora"), ("dora", "lora"),
+         ("full", "lora"))
+MIN_STEPS = 5
 
+
+# --- statistics (pure; tested in tests/paca/test_bench_paca.py) --------------------------------
+
+def quartiles(xs: Sequence[float]):
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def time_stats(per_rep: List[List[float]]) -> dict:
+    """Per configuration: the timed step times of each rep -> median of all, relative IQR, per-rep
+    medians."""
+    pooled = [t for rep in per_rep for t in rep]
+    q1, med, q3 = quartiles(pooled)
+    return {"median_s": med, "iqr_rel": (q3 - q1) / med if med else None, "min_s": min(pooled),
+            "max_s": max(pooled), "n": len(pooled), "rep_medians_s": [statistics.median(r) for r in per_rep]}
+
+
+def ratio_verdict(a: dict, b: dict) -> dict:
+    """A/B of two time_stats: the ratio of the pooled medians; spread = range of the per-rep ratios;
+    refused when the spread exceeds the difference the ratio claims, or with fewer than 2 reps."""
+    r = a["median_s"] / b["median_s"]
+    per = [x / y for x, y in zip(a["rep_medians_s"], b["rep_medians_s"])]
+    spread = (max(per) - min(per)) if len(per) >= 2 else None
+    diff = abs(1.0 - r)
+    out = {"ratio": r, "spread": spread, "difference": diff, "per_rep": per}
+    if spread is None:
+        out.update(refused=True, why="fewer than 2 reps: no spread to judge the ratio by")
+    elif spread > diff:
+        out.update(refused=True, why=f"spread {spread:.3f} > difference {diff:.3f}")
+    else:
+        out["refused"] = False
+    return out
+
+
+def fmt_ratio(v: Optional[dict]) -> str:
+    if not v:
+        return "-"
+    if v["refused"]:
+        return f"refused ({v['why']})"
+    return f"{v['ratio']:.3f} (spread {v['spread']:.3f}, reps {', '.join(f'{x:.3f}' for x in v['per_rep'])})"
+
+
+# --- running ------------------------------------------------------------------------------------
 
 def effrun(args, root: Path, timeout: int, env=None) -> dict:
     e = dict(os.environ, EFFRUN_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1", WANDB_MODE="offline",
              HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     e.update(env or {})
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "effrun.cli", "train", *args], capture_output=True, text=True,
-                       env=e, timeout=timeout)
+    try:
+        p = subprocess.run([sys.executable, "-m", "effrun.cli", "train", *args], capture_output=True, text=True,
+                           env=e, timeout=timeout)
+        rc, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired:
+        rc, err = "timeout", ""
     summ = sorted(root.rglob("summary.json"), key=lambda f: f.stat().st_mtime)
-    if p.returncode != 0 or not summ:
-        print(f"FAILED ({p.returncode}): effrun train {' '.join(args)}\n{p.stderr[-2000:]}", file=sys.stderr)
-        return {"status": "failed", "rc": p.returncode}
+    if rc != 0 or not summ:
+        print(f"FAILED ({rc}): effrun train {' '.join(args)}\n{err[-2000:]}", file=sys.stderr)
+        return {"status": "failed", "rc": rc}
     s = json.loads(summ[-1].read_text())
+    rows = [json.loads(l) for l in (summ[-1].parent / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    s["step_times"] = [r["step_time_s"] for r in rows if "step_time_s" in r]
     s["wall_s"] = time.time() - t0
     return s
 
 
-def ratio(a, b):
-    return None if (a is None or b in (None, 0)) else a / b
+def median_of(runs: List[dict], key: str):
+    vals = [r.get(key) for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def nf4_backends(reps: int, threads: int) -> dict:
+    """Quantize / dequantize / base forward+backward of SmolLM2-135M's linear shapes with each NF4
+    backend (alternating per rep; min and median), peak extra memory of quantizing, bytes kept,
+    relative reconstruction error."""
+    import torch
+
+    from effrun.metrics.memory import peak_rss_mb, reset_peak_rss, rss_mb
+    from effrun.techniques.qlora import nf4
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+    ws = {s: torch.randn(*s) * 0.02 for s in shapes}
+    x = torch.randn(2048, 576)
+    backends = [b for b in nf4.BACKENDS if nf4.available(b)]
+    res = {b: {"quantize_s": [], "dequantize_s": [], "base_fwd_bwd_s": [], "quantize_extra_mb": [],
+               "rel_error": [], "bytes": 0} for b in backends}
+    for b in backends:  # memory first (one shape at a time, fresh peak)
+        for s, w in ws.items():
+            base = rss_mb()
+            reset_peak_rss()
+            q = nf4.quantize(w, b, 64, True)
+            res[b]["quantize_extra_mb"].append(peak_rss_mb() - base)
+            res[b]["rel_error"].append(float((q.dequantize(torch.float32) - w).norm() / w.norm()))
+            res[b]["bytes"] += q.nbytes()
+    qs = {b: {s: nf4.quantize(w, b, 64, True) for s, w in ws.items()} for b in backends}
+    for _ in range(reps):
+        for b in backends:
+            t = time.perf_counter()
+            for w in ws.values():
+                nf4.quantize(w, b, 64, True)
+            res[b]["quantize_s"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for q in qs[b].values():
+                q.dequantize(torch.float32)
+            res[b]["dequantize_s"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for s, q in qs[b].items():
+                xin = x if s[1] == 576 else torch.randn(2048, s[1])
+                y = xin @ q.dequantize(torch.float32).t()
+                y @ q.dequantize(torch.float32)
+            res[b]["base_fwd_bwd_s"].append(time.perf_counter() - t)
+    out = {}
+    for b, v in res.items():
+        out[b] = {"bytes": v["bytes"], "rel_error": max(v["rel_error"]),
+                  "quantize_extra_mb_max": max(v["quantize_extra_mb"])}
+        for k in ("quantize_s", "dequantize_s", "base_fwd_bwd_s"):
+            out[b][k + "_min"], out[b][k + "_median"] = min(v[k]), statistics.median(v[k])
+    return out
 
 
 def main(argv=None) -> int:
@@ -59,49 +185,107 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="shakespeare")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6, help=f"timed steps per run (>= {MIN_STEPS})")
+    ap.add_argument("--warmup", type=int, default=2, help="eager steps dropped before timing")
+    ap.add_argument("--compile-warmup", type=int, default=4, help="steps dropped under torch.compile")
+    ap.add_argument("--reps", type=int, default=2, help="alternations A B .. A B .. (>= 2 for a ratio)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hardware", default="cpu")
     ap.add_argument("--chunked-ce", type=int, default=0, help="run.chunked_ce for every run (0: full logits)")
     ap.add_argument("--modes", default="eager,compile")
-    ap.add_argument("--techniques", default="paca,lora", help="any of paca,lora,dora,full")
+    ap.add_argument("--techniques", default="paca,paca1,lora", help=f"any of {','.join(TECH)}")
+    ap.add_argument("--nf4-backend", default="bnb", help="QPaCA's and QLoRA's NF4 backend (bnb, torchao, effrun)")
+    ap.add_argument("--eval", action="store_true", help="evaluate at the end of every run (eval loss)")
     ap.add_argument("--maxseq", action="store_true", help="also search the max sequence length (paca, lora)")
     ap.add_argument("--maxseq-budget-gb", type=float, default=None,
                     help="default: LoRA's measured eager peak memory at --seq")
     ap.add_argument("--maxseq-limit", type=int, default=2048)
-    ap.add_argument("--timeout", type=int, default=3600)
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--nf4-backends", action="store_true", help="only the NF4 backend micro-benchmark")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the NF4 micro-benchmark")
+    ap.add_argument("--timeout", type=int, default=7200)
+    ap.add_argument("--out", default=None, help="write the results as JSON here (after every run)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     a = ap.parse_args(argv)
+    if a.steps < MIN_STEPS:
+        print(f"error: --steps must be >= {MIN_STEPS} (got {a.steps})", file=sys.stderr)
+        return 2
+    techs = [t for t in a.techniques.split(",") if t]
+    bad = [t for t in techs if t not in TECH]
+    if bad:
+        print(f"error: --techniques: unknown {bad}; choices: {','.join(TECH)}", file=sys.stderr)
+        return 2
+
+    results = {"config": vars(a), "machine": os.uname().nodename, "loadavg_start": os.getloadavg()}
+
+    def save():
+        if a.out:
+            Path(a.out).write_text(json.dumps(results, indent=1))
+
+    if a.nf4_backends:
+        results["nf4_backends"] = nb = nf4_backends(max(a.reps, 3), a.threads)
+        results["loadavg_end"] = os.getloadavg()
+        print("\n| NF4 backend | quantize s (min / median) | extra MB while quantizing | dequantize s | "
+              "base fwd+bwd s | bytes kept | rel. error |")
+        print("|---|---|---|---|---|---|---|")
+        for b, v in nb.items():
+            print(f"| {b} | {v['quantize_s_min']:.3f} / {v['quantize_s_median']:.3f} | {v['quantize_extra_mb_max']:.1f} | "
+                  f"{v['dequantize_s_min']:.3f} / {v['dequantize_s_median']:.3f} | "
+                  f"{v['base_fwd_bwd_s_min']:.3f} / {v['base_fwd_bwd_s_median']:.3f} | {v['bytes']} | {v['rel_error']:.4f} |")
+        print(f"load average start {results['loadavg_start']} end {results['loadavg_end']}")
+        save()
+        return 0
 
     common = [f"model={a.model}", f"data={a.data}", f"data.seq_len={a.seq}", f"data.batch_size={a.batch}",
-              f"run.max_steps={a.steps}", f"run.warmup_steps={a.warmup}", f"run.lr={a.lr}",
-              f"run.dtype={a.dtype}", f"run.device={a.device}", f"hardware={a.hardware}",
-              f"run.chunked_ce={a.chunked_ce}", "logger=quiet", "data.eval_batches=2", *a.extra]
-    techs = [t for t in a.techniques.split(",") if t]
+              f"run.lr={a.lr}", f"run.dtype={a.dtype}", f"run.device={a.device}", f"hardware={a.hardware}",
+              f"run.chunked_ce={a.chunked_ce}", "logger=quiet", "data.eval_batches=2",
+              f"run.eval_at_end={'true' if a.eval else 'false'}", *a.extra]
+    quant = {"qpaca": [f"technique.quant_backend={a.nf4_backend}"],
+             "qlora": [f"technique.backend={a.nf4_backend}"]}
     root = Path(tempfile.mkdtemp(prefix="bench_paca_"))
-    results = {"config": vars(a), "runs": {}, "ratios": {}, "machine": os.uname().nodename,
-               "loadavg_start": os.getloadavg()}
-    for mode in [m for m in a.modes.split(",") if m]:  # --modes "" with --maxseq: only the search
-        for t in techs:
-            name = f"{t}/{mode}"
-            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            s = effrun(common + TECH[t] + [f"run.compile={'true' if mode == 'compile' else 'false'}"],
-                       root / name.replace("/", "_"), a.timeout)
-            results["runs"][name] = {k: s.get(k) for k in (*KEYS, "status", "wall_s")}
-            print(f"[bench] {name}: " + ", ".join(f"{k.split('/')[-1]}={s.get(k)}" for k in KEYS),
-                  file=sys.stderr, flush=True)
-        if "paca" in techs and "lora" in techs:
-            p, l = results["runs"][f"paca/{mode}"], results["runs"][f"lora/{mode}"]
-            results["ratios"][mode] = {k.split("/")[-1]: ratio(p.get(k), l.get(k)) for k in KEYS}
+    modes = [m for m in a.modes.split(",") if m]
+    runs: Dict[str, List[dict]] = {f"{t}/{m}": [] for m in modes for t in techs}
+    results["runs"] = runs
+    for rep in range(a.reps):
+        for mode in modes:
+            warm = a.compile_warmup if mode == "compile" else a.warmup
+            for t in techs:
+                name = f"{t}/{mode}"
+                print(f"[bench] rep {rep + 1}/{a.reps} {name} ... (load {os.getloadavg()[0]:.1f})",
+                      file=sys.stderr, flush=True)
+                s = effrun(common + TECH[t] + quant.get(t, []) +
+                           [f"run.max_steps={warm + a.steps}", f"run.warmup_steps={warm}",
+                            f"run.compile={'true' if mode == 'compile' else 'false'}"],
+                           root / f"{t}_{mode}_{rep}", a.timeout)
+                s["timed"] = s.get("step_times", [])[warm:]
+                s["loadavg"] = os.getloadavg()
+                runs[name].append({k: s.get(k) for k in (*KEYS, "status", "wall_s", "timed", "step_times", "loadavg")})
+                print(f"[bench] {name}: timed steps " + ", ".join(f"{x:.2f}" for x in s["timed"]) +
+                      f"; peak {s.get('measured/peak_mem_mb')} MB", file=sys.stderr, flush=True)
+                save()
+
+    stats, ratios = {}, {}
+    for name, rs in runs.items():
+        per_rep = [r["timed"] for r in rs if r.get("timed")]
+        if per_rep:
+            stats[name] = time_stats(per_rep)
+    for mode in modes:
+        ratios[mode] = {}
+        for x, y in PAIRS:
+            A, B = f"{x}/{mode}", f"{y}/{mode}"
+            if A in stats and B in stats:
+                v = {"step_time": ratio_verdict(stats[A], stats[B])}
+                for k in ("peak_mem_mb", "saved_bytes", "loss", "eval_loss", "flops_per_token"):
+                    p, q = median_of(runs[A], f"measured/{k}"), median_of(runs[B], f"measured/{k}")
+                    v[k] = None if p is None or not q else p / q
+                ratios[mode][f"{x}/{y}"] = v
+    results["stats"], results["ratios"] = stats, ratios
 
     if a.maxseq and "paca" in techs and "lora" in techs:
         budget = a.maxseq_budget_gb
         if budget is None:
-            lora_peak = results["runs"].get(f"lora/{a.modes.split(',')[0]}", {}).get("measured/peak_mem_mb")
+            lora_peak = median_of(runs.get(f"lora/{modes[0]}", []), "measured/peak_mem_mb") if modes else None
             budget = round(lora_peak / 1024 * 1.01, 3) if lora_peak else None
         if budget:
             ms = {}
@@ -113,24 +297,39 @@ def main(argv=None) -> int:
                 ms[t] = {k: s.get(k) for k in ("measured/max_seq_len", "measured/max_seq_len_probes",
                                                 "measured/peak_mem_mb", "status")}
             results["maxseq"] = {"budget_gb": budget, **ms}
-            results["ratios"]["max_seq_len"] = ratio(ms["paca"].get("measured/max_seq_len"),
-                                                     ms["lora"].get("measured/max_seq_len"))
+            p, q = ms["paca"].get("measured/max_seq_len"), ms["lora"].get("measured/max_seq_len")
+            results["ratios"]["max_seq_len"] = None if p is None or not q else p / q
     results["loadavg_end"] = os.getloadavg()
+    save()
 
-    print(f"\n| run | step s | tokens/s | peak MB | saved MB | trainable | loss | eval loss |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results["runs"].items():
-        v = [r.get(k) for k in KEYS]
-        fmt = lambda x, f: "-" if x is None else format(x, f)
-        print(f"| {name} | {fmt(v[0], '.3f')} | {fmt(v[1], '.1f')} | {fmt(v[2], '.0f')} | "
-              f"{fmt(None if v[3] is None else v[3] / 2**20, '.1f')} | {fmt(v[4], 'd')} | {fmt(v[5], '.4f')} | "
-              f"{fmt(v[6], '.4f')} |")
-    print("\nPaCA / LoRA ratios:", json.dumps(results["ratios"], indent=1))
+    fmt = lambda x, f: "-" if x is None else format(x, f)
+    print(f"\n| run | step s (median) | IQR/median | per-rep medians | tokens/s | peak MB | saved MB | "
+          f"trainable | loss | eval loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        st = stats.get(name, {})
+        tps = None if not st else a.batch * a.seq / st["median_s"]
+        saved = median_of(rs, "measured/saved_bytes")
+        print(f"| {name} | {fmt(st.get('median_s'), '.3f')} | {fmt(st.get('iqr_rel'), '.3f')} | "
+              f"{' '.join(format(x, '.2f') for x in st.get('rep_medians_s', []))} | {fmt(tps, '.1f')} | "
+              f"{fmt(median_of(rs, 'measured/peak_mem_mb'), '.0f')} | {fmt(None if saved is None else saved / 2**20, '.1f')} | "
+              f"{fmt(median_of(rs, 'measured/params_trainable'), '.0f')} | {fmt(median_of(rs, 'measured/loss'), '.4f')} | "
+              f"{fmt(median_of(rs, 'measured/eval_loss'), '.4f')} |")
+    for mode in modes:
+        rm = ratios.get(mode, {})
+        if not rm:
+            continue
+        print(f"\n{mode}: ratios (time = ratio of medians; refused when the spread exceeds |1 - ratio|)")
+        for pair, v in rm.items():
+            line = f"  {pair:12s} step time {fmt_ratio(v['step_time'])}"
+            line += "".join(f"; {k} {v[k]:.3f}" for k in ("peak_mem_mb", "saved_bytes", "loss") if v.get(k) is not None)
+            print(line)
+            if pair == "paca/lora" and "paca1/lora" in rm:
+                print(f"  {'  floor':12s} PaCA r=1 / LoRA {fmt_ratio(rm['paca1/lora']['step_time'])} "
+                      "(back-propagating through the frozen network, nothing of PaCA's own)")
     if "maxseq" in results:
         print("max seq len:", json.dumps(results["maxseq"], indent=1))
     print(f"load average start {results['loadavg_start']} end {results['loadavg_end']} (shared machine)")
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=1))
     return 0
 
 

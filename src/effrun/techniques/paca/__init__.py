@@ -1,6 +1,6 @@
 """PaCA: partial connection adaptation -- fine-tune r randomly chosen input columns of every
 targeted linear weight in place (no adapter layers). QPaCA: the same over a block-quantized
-(NF4 / int8) base weight. No torch import here (the CLI imports specs to compose configs)."""
+(NF4 via bitsandbytes/torchao/ours, or int8) base weight. No torch import here (the CLI imports specs to compose configs)."""
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -25,6 +25,9 @@ class PacaConfig:
     quantize: str = "none"
     quant_block: int = 64
     double_quant: bool = True
+    # NF4 implementation (shared with qlora): bnb (bitsandbytes) | torchao | effrun (hand-written,
+    # effrun.techniques.paca.ops); int8 always uses the hand-written block quantiser
+    quant_backend: str = "bnb"
 
 
 def check(cfg, node) -> None:
@@ -38,6 +41,10 @@ def check(cfg, node) -> None:
         raise UserError(f"unknown quantize mode {node.quantize!r}", key="technique.quantize", choices=QUANTIZE)
     if node.quant_block < 2 or node.quant_block % 2:
         raise UserError("must be an even number >= 2", key="technique.quant_block")
+    if node.quantize == "nf4":
+        from effrun.techniques.qlora import check_backend
+
+        check_backend(node.quant_backend, node.quant_block, key="technique.quant_backend")
     if node.quantize != "none":
         dev = cfg.run.device if cfg.run.device != "auto" else cfg.hardware.kind
         if dev not in DEVICES:
@@ -46,6 +53,6 @@ def check(cfg, node) -> None:
 
 
 spec = TechniqueSpec(name="paca", config=PacaConfig, plugin="effrun.techniques.paca.plugin:Paca",
-                     modes=("train",), conflicts=("lora", "dora"), check=check,
+                     modes=("train",), conflicts=("lora", "dora", "qlora"), check=check,
                      metrics={"train": ("measured/paca_layers", "measured/paca_r", "?measured/qpaca_*")},
                      description="PaCA: train r random input columns of each linear in place (QPaCA: NF4/int8 base)")

@@ -67,7 +67,9 @@ class QPacaLinear(nn.Module):
     """Frozen base weight kept block-quantized (NF4/int8); columns `paca_idx` in full precision."""
 
     def __init__(self, lin: nn.Linear, idx: torch.Tensor, scaling: float, mode: str, block: int,
-                 double_quant: bool):
+                 double_quant: bool, backend: str = "bnb"):
+        from effrun.techniques.qlora import nf4
+
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.paca_scaling, self.qmode = float(scaling), mode
@@ -76,27 +78,24 @@ class QPacaLinear(nn.Module):
         idx = idx.to(w.device)
         self.register_buffer("paca_idx", idx, persistent=True)
         self.paca_p = nn.Parameter(w.index_select(1, idx).clone() / scaling)
-        q = ops.quantize_blocks(w, mode, block, double_quant)
-        self._meta = {k: q[k] for k in ("shape", "numel", "block", "mode") if k in q}
-        if "n_blocks" in q:
-            self._meta["n_blocks"] = q["n_blocks"]
-        for k in ("codes", "absmax", "absmax_q", "absmax_scale", "absmax_mean"):
-            if k in q:
-                self.register_buffer(f"q_{k}", q[k], persistent=True)
+        # NF4 through the shared backend (bitsandbytes by default; int8 is always the hand-written one)
+        src = w if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.float()
+        q = nf4.quantize(src, backend, block, double_quant, mode)
+        self.qbackend, self._meta = q.backend, q.meta
+        for k, v in q.tensors.items():
+            self.register_buffer(f"q_{k}", v, persistent=True)
         self.bias = None
         if lin.bias is not None:
             self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
 
     def _q(self) -> dict:
-        q = dict(self._meta)
-        for k in ("codes", "absmax", "absmax_q", "absmax_scale", "absmax_mean"):
-            if hasattr(self, f"q_{k}"):
-                q[k] = getattr(self, f"q_{k}")
-        return q
+        return {k[2:]: b for k, b in self.named_buffers(recurse=False) if k.startswith("q_")}
 
     def dequantized_weight(self, p=None, dtype=None) -> torch.Tensor:
         p = self.paca_p if p is None else p
-        w = ops.dequantize_blocks(self._q(), dtype or self.compute_dtype)
+        from effrun.techniques.qlora import nf4
+
+        w = nf4.dequantize(self.qbackend, self._q(), self._meta, dtype or self.compute_dtype)
         return w.index_copy_(1, self.paca_idx, (p.detach() * self.paca_scaling).to(w.dtype))
 
     def forward(self, x):
@@ -113,7 +112,8 @@ class QPacaLinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, quantize={self.qmode}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, quantize={self.qmode} "
+                f"({self.qbackend}), "
                 f"paca_r={self.paca_idx.numel()}, scaling={self.paca_scaling}")
 
 
@@ -128,7 +128,7 @@ def _set_module(model, name: str, new: nn.Module) -> None:
 
 
 def apply_paca(model, r: int, alpha: float, targets: List[str], seed: int, quantize: str = "none",
-               block: int = 64, double_quant: bool = True) -> Dict[str, nn.Module]:
+               block: int = 64, double_quant: bool = True, backend: str = "bnb") -> Dict[str, nn.Module]:
     """Freeze the model and convert every targeted linear; returns {name: converted module}."""
     linears = find_linears(model, targets)
     too_small = sorted({n.rsplit(".", 1)[-1] for n, m in linears.items() if r > m.in_features})
@@ -146,7 +146,7 @@ def apply_paca(model, r: int, alpha: float, targets: List[str], seed: int, quant
         if quantize == "none":
             out[name] = PacaLinear.convert(lin, idx, scaling)
         else:
-            q = QPacaLinear(lin, idx, scaling, quantize, block, double_quant)
+            q = QPacaLinear(lin, idx, scaling, quantize, block, double_quant, backend)
             _set_module(model, name, q)
             out[name] = q
     return out
@@ -168,7 +168,7 @@ class Paca(Technique):
             raise UserError(f"quantize={c.quantize} is not supported on device {self.ctx.device}",
                             key="technique.quantize", choices=["none"])
         self.layers = apply_paca(unwrap(model), c.r, c.alpha, as_list(c.target_modules), seed,
-                                 c.quantize, c.quant_block, c.double_quant)
+                                 c.quantize, c.quant_block, c.double_quant, c.quant_backend)
         return model
 
     def after_optimizer_step(self, step: int) -> None:
