@@ -274,10 +274,12 @@ def summarize(res):
     print(f"\nnnAudio front-ends: {res['info/clips']} clips x {res['info/seconds']:g} s at {res['info/sr']} Hz, "
           f"{res['info/signal']}; device {res['info/device']}, {res['info/threads']} threads; load "
           f"{res['info/load_before'][0]:.1f} -> {res['info/load_after'][0]:.1f}")
-    print(f"{'feature':7s} {'contender':36s} {'ms (min)':>10s} {'ms (med)':>10s} {'cpu ms':>10s}  error vs librosa batch")
+    print(f"{'feature':7s} {'contender':36s} {'ms (min)':>10s} {'ms (med)':>10s} {'cpu ms':>10s}  "
+          "error vs librosa batch")
     for r in rows:
         err = " ".join(f"{k}={v:.2e}" for k, v in r.items() if "err" in k)
-        print(f"{r['feature']:7s} {r['name']:36s} {r['ms_min']:10.1f} {r['ms_median']:10.1f} {r['cpu_ms_min']:10.1f}  {err}")
+        print(f"{r['feature']:7s} {r['name']:36s} {r['ms_min']:10.1f} {r['ms_median']:10.1f} "
+              f"{r['cpu_ms_min']:10.1f}  {err}")
     for feature in ("stft", "mel", "cqt"):
         by = {}
         for r in rows:

@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -72,12 +71,15 @@ class AudioDataConfig:
     clip_seconds: float = field(default=1.0, metadata={"range": "[0.1, 10]"})
     words: List[str] = field(default_factory=lambda: list(VOCAB))
     n_speakers: int = field(default=24, metadata={"range": f"[2, {len(SPEAKERS)}]"})  # the first n of SPEAKERS
-    eval_every: int = field(default=4, metadata={"range": "[2, inf)"})  # every 4th speaker is held out for eval (unseen voices)
+    # every eval_every-th speaker is held out for eval (unseen voices)
+    eval_every: int = field(default=4, metadata={"range": "[2, inf)"})
     speeds: List[int] = field(default_factory=lambda: [130, 175], metadata={"range": "[80, 450]"})  # espeak wpm
     pitches: List[int] = field(default_factory=lambda: [35, 65], metadata={"range": "[0, 99]"})  # espeak pitch
     unknown_class: bool = True         # real speech from the wheels as `_unknown_`
-    unknown_hop_seconds: float = field(default=0.25, metadata={"range": "(0, inf)"})  # hop between crops of the real speech
-    noise_snr_db: Optional[float] = field(default=20.0, metadata={"range": "[-20, 100]"})  # pygame effects mixed in at this SNR (null: clean)
+    # hop between the crops of the real speech
+    unknown_hop_seconds: float = field(default=0.25, metadata={"range": "(0, inf)"})
+    # pygame effects mixed in at this SNR (null: clean)
+    noise_snr_db: Optional[float] = field(default=20.0, metadata={"range": "[-20, 100]"})
     resample: bool = True              # resample sources to sample_rate (soxr_hq), or refuse them
     seed: int = field(default=0, metadata={"range": "[0, inf)"})
 
@@ -99,7 +101,8 @@ def validate(cfg: AudioDataConfig, key_prefix: str = "data.") -> None:
     def bad(name, msg, choices=None):
         raise UserError(msg, key=key_prefix + name, choices=choices)
 
-    if isinstance(cfg.sample_rate, bool) or not isinstance(cfg.sample_rate, int) or not 4000 <= cfg.sample_rate <= 48000:
+    sr = cfg.sample_rate
+    if isinstance(sr, bool) or not isinstance(sr, int) or not 4000 <= sr <= 48000:
         bad("sample_rate", f"must be an integer number of Hz in 4000..48000, got {cfg.sample_rate!r}")
     if not 0.1 <= float(cfg.clip_seconds) <= 10.0:
         bad("clip_seconds", f"must be in 0.1..10 s, got {cfg.clip_seconds!r}")

@@ -30,7 +30,8 @@ class NnAudioConfig:
     features: str = "layer"
     # STFT framing (stft, mel, mfcc)
     n_fft: int = field(default=512, metadata={"range": "[2, inf)"})
-    hop_length: int = field(default=128, metadata={"range": "[1, inf)"})  # also the CQT hop (2010 kind: divisible by 2^(octaves-1) for full speed)
+    # also the CQT hop (kind 2010 halves it per octave while it is even, as librosa)
+    hop_length: int = field(default=128, metadata={"range": "[1, inf)"})
     win_length: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})  # null: n_fft
     window: str = "hann"
     center: bool = True

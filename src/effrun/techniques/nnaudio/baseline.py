@@ -49,9 +49,13 @@ def librosa_features(y: np.ndarray, cfg: NnAudioConfig, sample_rate: float) -> n
             return mel.astype(np.float32)
         out = [librosa.feature.mfcc(S=librosa.power_to_db(m, top_db=cfg.top_db), n_mfcc=cfg.n_mfcc) for m in mel]
         return np.stack(out).astype(np.float32)
-    c = librosa.cqt(y, sr=sample_rate, hop_length=kw["hop_length"], fmin=kw["fmin"], n_bins=kw["n_bins"],
-                    bins_per_octave=kw["bins_per_octave"], filter_scale=kw["filter_scale"],
-                    sparsity=kw["sparsity"], pad_mode=kw["pad_mode"])
+    import warnings
+
+    with warnings.catch_warnings():  # "n_fft too large" for the lowest octaves of short clips: padded, fine
+        warnings.simplefilter("ignore", UserWarning)
+        c = librosa.cqt(y, sr=sample_rate, hop_length=kw["hop_length"], fmin=kw["fmin"], n_bins=kw["n_bins"],
+                        bins_per_octave=kw["bins_per_octave"], filter_scale=kw["filter_scale"],
+                        sparsity=kw["sparsity"], pad_mode=kw["pad_mode"])
     return np.abs(c).astype(np.float32)
 
 

@@ -41,7 +41,7 @@ from . import checks as C
 from . import kernels as K
 
 CHUNK_BYTES = 2 << 20  # frames per chunk on CPU: ~2 MB of float32 (measured best here)
-DEC_BLOCK = 2048  # overlap-save block of the CQT decimation
+DEC_BLOCK = 4096  # overlap-save block of the CQT decimation (4096: 2x faster than 2048 here)
 
 
 def _f32(a) -> torch.Tensor:
@@ -164,7 +164,8 @@ class STFT(nn.Module):
             xp = self._padded(x)
             # trainable: nnAudio's strided conv1d with the cos/sin kernels (fwd+bwd 1.4-2.2x faster
             # here than unfold + matmul); whole batch, [B, 2F, T] -> spectra as [B, T, F] views
-            y = F.conv1d(xp[:, None], (self.kernel * self.kernel_scale).to(xp.dtype)[:, None], stride=self.hop_length)
+            ker = (self.kernel * self.kernel_scale).to(xp.dtype)
+            y = F.conv1d(xp[:, None], ker[:, None], stride=self.hop_length)
             nf = self.n_freq
             return post(y[:, :nf].transpose(1, 2), y[:, nf:].transpose(1, 2), graph, None).transpose(1, 2)
         B, T = x.shape[0], self.n_frames(x.shape[-1])
