@@ -24,7 +24,7 @@ Executors run the DiT forward (the family's infer session drives them one round 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch

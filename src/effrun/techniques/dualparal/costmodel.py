@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from effrun.families.video_diffusion.config import VideoDiTConfig, VideoSamplingConfig
 from effrun.families.video_diffusion.sampler import schedule
