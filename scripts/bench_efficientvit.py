@@ -74,7 +74,7 @@ def bench_model(variant: str, args, cfg: speed.SpeedConfig, timm_ok: bool) -> di
         f"{', '.join(args.timm_modes) if timm_ok else 'anchors'})")
     torch.manual_seed(0)
     x = speed._inputs(cfg)
-    ours = ev.optimize_for_inference(ev.build_efficientvit(variant, img_size=cfg.img_size)).to(cfg.device)
+    ours = speed.optimize_for_inference(ev.build_efficientvit(variant, img_size=cfg.img_size)).to(cfg.device)
     cells, prep, errors = {}, {}, {}
     models = [("ours", ours, args.modes)]
     if timm_ok:
@@ -152,7 +152,7 @@ def single_thread_m0(args) -> tuple:
     cfg = speed.SpeedConfig(batch=16, img_size=224, threads=1, warmup_s=args.warmup, measure_s=args.measure,
                             clock=args.clock)
     x = speed._inputs(cfg)
-    m = ev.optimize_for_inference(ev.build_efficientvit("efficientvit-m0"))
+    m = speed.optimize_for_inference(ev.build_efficientvit("efficientvit-m0"))
     cells = {}
     with speed.torch_threads(1):
         for mode in args.modes:
@@ -219,7 +219,7 @@ def bench_cga(args) -> tuple:
         train_s = clock() - t0
         acc = evaluate(m, xte, yte)
         if name == "cga":
-            ev.optimize_for_inference(m)
+            speed.optimize_for_inference(m)
         cfg = speed.SpeedConfig(batch=args.batch, img_size=32, in_chans=1, threads=args.threads,
                                 warmup_s=1.0, measure_s=args.measure, clock=args.clock)
         infer = {k: v.images_per_s for k, v in speed.measure(m, ("eager",), cfg, progress=None).items()}
