@@ -45,6 +45,9 @@ def parse():
     ap.add_argument("--no-nnaudio", action="store_true")
     ap.add_argument("--no-trainable", action="store_true", help="skip the trainable-kernel rows")
     ap.add_argument("--nnaudio-dir", default=str(Path.home() / ".cache" / "effrun" / "bench" / "nnaudio-0.3.4"))
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for everyone: on a shared, oversubscribed box OpenMP threads that "
+                         "spin at barriers made 2-thread torch runs 3-10x slower (not needed on a quiet box)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return ap.parse_args()
 
@@ -52,6 +55,8 @@ def parse():
 ARGS = parse()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)  # before numpy/torch load their thread pools
+if ARGS.omp_passive:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -164,6 +169,7 @@ def main():
     load0 = os.getloadavg()
     res = {"info/device": str(dev), "info/threads": ARGS.threads, "info/clips": ARGS.clips,
            "info/seconds": ARGS.seconds, "info/sr": sr, "info/signal": source, "info/load_before": load0,
+           "info/omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
            "info/torch": torch.__version__, "info/librosa": getattr(librosa, "__version__", why_librosa),
            "info/nnaudio": "0.3.4" if nna else why_nna, "rows": []}
     if cuda:
@@ -272,7 +278,8 @@ def summarize(res):
     rows = res["rows"]
     goals = {}
     print(f"\nnnAudio front-ends: {res['info/clips']} clips x {res['info/seconds']:g} s at {res['info/sr']} Hz, "
-          f"{res['info/signal']}; device {res['info/device']}, {res['info/threads']} threads; load "
+          f"{res['info/signal']}; device {res['info/device']}, {res['info/threads']} threads "
+          f"(OMP_WAIT_POLICY {res['info/omp_wait_policy']}); load "
           f"{res['info/load_before'][0]:.1f} -> {res['info/load_after'][0]:.1f}")
     print(f"{'feature':7s} {'contender':36s} {'ms (min)':>10s} {'ms (med)':>10s} {'cpu ms':>10s}  "
           "error vs librosa batch")
