@@ -145,8 +145,13 @@ def nf4_backends(reps: int, threads: int) -> dict:
     backends = [b for b in nf4.BACKENDS if nf4.available(b)]
     res = {b: {"quantize_s": [], "dequantize_s": [], "base_fwd_bwd_s": [], "quantize_extra_mb": [],
                "rel_error": [], "bytes": 0} for b in backends}
+    for b in backends:  # load each backend's code and kernels before measuring anything
+        nf4.quantize(ws[shapes[0]], b, 64, True).dequantize(torch.float32)
     for b in backends:  # memory first (one shape at a time, fresh peak)
         for s, w in ws.items():
+            import gc
+
+            gc.collect()
             base = rss_mb()
             reset_peak_rss()
             q = nf4.quantize(w, b, 64, True)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# PaCA vs LoRA on one GPU (bf16, longer sequences), eager and torch.compile, plus the max sequence
-# length under the same memory budget; writes the ratios as JSON to $OUT/paca.json.
+# PaCA vs LoRA (and the PaCA r=1 floor) on one GPU (bf16, longer sequences), eager and
+# torch.compile in one bench run (A B C A B C, medians, spread rule); writes the ratios as JSON to
+# $OUT/paca.json. QPaCA (NF4/int8) on the device: bitsandbytes' NF4 when importable, else the
+# hand-written quantiser (the GPU image has no bitsandbytes); the QLoRA base (NF4Linear) likewise.
 # Needs: torch + transformers + peft, and hydra-core/omegaconf importable (PYTHONPATH). Runs from
 # the repo root; no network, no assets needed: SmolLM2-135M's *shape* with random weights and
 # synthetic tokens when the fetched asset is absent (speed and memory do not depend on the values).
@@ -18,25 +20,29 @@ if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; t
   if [ -f "$HOME/.cache/effrun/smollm2-135m/.complete" ]; then MODEL=(--model smollm2-135m); else
     MODEL=(--model llama-tiny --extra "${SMOL_SHAPE[@]:1}"); fi
   ARGS=("${MODEL[@]}" --data synthetic --device cuda --dtype bfloat16 --hardware h100-sxm --seq 2048 --batch 4
-        --steps 8 --warmup 3 --modes eager,compile --maxseq --maxseq-limit 8192 --timeout 170)
+        --steps 5 --warmup 2 --compile-warmup 3 --reps 2 --modes eager,compile --techniques paca,paca1,lora
+        --timeout 120)
   $PY -c "import torch; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 else
   echo "no CUDA device: CPU fallback (tiny model; checks the script, not the numbers)" >&2
-  ARGS=(--model llama-tiny --data synthetic --seq 128 --batch 2 --steps 3 --warmup 1 --modes eager
-        --maxseq --maxseq-limit 512 --timeout 300)
+  ARGS=(--model llama-tiny --data synthetic --seq 128 --batch 2 --steps 5 --warmup 1 --reps 2 --modes eager
+        --techniques paca,paca1,lora --timeout 300)
 fi
-# QPaCA (pure-torch NF4/int8) on this device: trains, grads of the op vs a dense reference, merge
-timeout 120 $PY - "$OUT/paca_qpaca.json" <<'PYEOF' || echo "qpaca check failed" >&2
+# QPaCA (NF4/int8) on this device: trains, grads of the op vs a dense reference, merge
+timeout 60 $PY - "$OUT/paca_qpaca.json" <<'PYEOF' || echo "qpaca check failed" >&2
 import json, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from effrun.techniques.paca.plugin import QPacaLinear, apply_paca, merge_paca
+from effrun.techniques.qlora import available
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-out = {"device": dev}
+backend = "bnb" if available("bnb") else "effrun"
+out = {"device": dev, "nf4_backend": backend}
 for mode in ("nf4", "int8"):
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2)).to(dev)
-    apply_paca(m, 16, 32.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0, mode)
+    apply_paca(m, 16, 32.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0, mode,
+               backend=backend)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     x = torch.randint(0, 256, (4, 65), device=dev)
     losses = []
@@ -44,7 +50,7 @@ for mode in ("nf4", "int8"):
         loss = m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward(); opt.step(); opt.zero_grad(); losses.append(float(loss))
     lin = torch.nn.Linear(64, 32, dtype=torch.float64, device=dev)
-    q = QPacaLinear(lin, torch.arange(0, 64, 8, device=dev), 2.0, mode, 64, True)
+    q = QPacaLinear(lin, torch.arange(0, 64, 8, device=dev), 2.0, mode, 64, True, backend)
     W = q.dequantized_weight().detach()
     xi = torch.randn(3, 64, dtype=torch.float64, device=dev, requires_grad=True)
     q(xi).sum().backward()
@@ -59,9 +65,9 @@ for mode in ("nf4", "int8"):
 json.dump(out, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(out))
 PYEOF
-timeout 280 $PY scripts/bench_paca.py "${ARGS[@]}" --out "$OUT/paca.json"
+timeout 480 $PY scripts/bench_paca.py "${ARGS[@]}" --out "$OUT/paca.json"
 $PY - "$OUT/paca.json" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(json.dumps({"ratios": r["ratios"], "maxseq": r.get("maxseq")}, indent=1))
+print(json.dumps({"ratios": r.get("ratios"), "stats": r.get("stats")}, indent=1))
 PYEOF
