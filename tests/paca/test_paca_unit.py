@@ -307,11 +307,17 @@ def test_block_quantization_error_is_bounded(mode, double):
     assert bits < (4.6 if mode == "nf4" else 8.6)
 
 
-def test_qpaca_grads_equal_dense_reference_and_saves_slice_only():
+@pytest.mark.parametrize("backend", ["bnb", "torchao", "effrun"])
+def test_qpaca_grads_equal_dense_reference_and_saves_slice_only(backend):
+    from effrun.techniques.qlora import available
+
+    if not available(backend):
+        pytest.skip(f"{backend} not installed")
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32, dtype=torch.float64)
     idx = torch.tensor([0, 9, 31, 40, 63])
-    q = QPacaLinear(lin, idx, 2.0, "nf4", 64, True)
+    q = QPacaLinear(lin, idx, 2.0, "nf4", 64, True, backend)
+    assert q.qbackend == backend
     assert torch.equal(q.paca_p * 2.0, lin.weight[:, idx])  # the selected columns stay exact
     W = q.dequantized_weight().detach()
     x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
