@@ -95,3 +95,23 @@ def test_pacas_custom_op_with_the_linear_formula():
     m = B * t
     assert got == {"forward": _gemm(m, D_IN, D_H), "backward": _gemm(m, D_H, D_IN) + _gemm(D_H, m, r),
                    "total": _gemm(m, D_IN, D_H) + _gemm(m, D_H, D_IN) + _gemm(D_H, m, r)}
+
+
+def test_mapping_counts_grouped_conv_weight_gradients_and_cpu_attention():
+    """torch 2.13's FlopCounterMode counts a depthwise conv's weight gradient as dense (groups x
+    too many) and the CPU flash-attention kernel as 0; effrun's mapping counts both by hand formula."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effrun.metrics.flops import flop_mapping
+
+    B, C, H, W = 2, 64, 16, 16
+    x, w = torch.randn(B, C, H, W, requires_grad=True), torch.randn(C, 1, 3, 3, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as fc:
+        F.conv2d(x, w, padding=1, groups=C).sum().backward()
+    assert fc.get_total_flops() == 3 * 2 * B * C * H * W * 9  # forward, d input, d weight: one MAC each per tap
+    q, k, v = (torch.randn(1, 4, 32, 16, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as fc:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    fwd = 2 * 2 * 4 * 32 * 32 * 16  # QK^T and PV
+    assert fc.get_total_flops() == fwd + 2.5 * fwd  # torch's own backward formula: 5 GEMMs of 4

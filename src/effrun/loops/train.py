@@ -37,7 +37,9 @@ def _flop_counter(ctx):
         return contextlib.nullcontext()
     from torch.utils.flop_counter import FlopCounterMode
 
-    return FlopCounterMode(display=False)
+    from effrun.metrics.flops import flop_mapping
+
+    return FlopCounterMode(display=False, custom_mapping=flop_mapping())
 
 
 class Trainer:

@@ -90,3 +90,41 @@ def linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     for d in x_shape[:-1]:
         tokens *= int(d)
     return 2 * tokens * int(x_shape[-1]) * int(w_shape[0])
+
+
+def _unwrap(f):
+    return getattr(f, "__wrapped__", f)  # torch's formulas are wrapped to take tensors and out_val
+
+
+def flop_mapping() -> dict:
+    """What torch's FlopCounterMode misses, as a `custom_mapping`: the CPU flash-attention kernels
+    (forward and backward, counted like the CUDA ones), and grouped convolutions, whose
+    weight-gradient term torch counts as if the convolution were dense (groups x too many)."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                          **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    def conv_backward(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                      output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+        args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
+                groups)
+        total = _unwrap(fc.conv_backward_flop)(*args, output_mask, out_shape=out_shape)
+        if groups > 1 and output_mask[1]:
+            dense_w = _unwrap(fc.conv_backward_flop)(*args, [False, True, False], out_shape=out_shape)
+            total -= dense_w - dense_w // groups
+        return total
+
+    mapping = {aten.convolution_backward: conv_backward}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", cpu_sdpa),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", cpu_sdpa_backward)):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = fn
+    return mapping
