@@ -31,6 +31,8 @@ class FamilySpec:
     smoke_overrides: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     # summary keys the family writes, per mode (fnmatch patterns)
     metrics: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    # the data option a run of this family's models takes when the command line names none
+    default_data: Optional[str] = None
     # cheap pre-flight check(cfg) -> None raising UserError; must not import torch
     check: Optional[Callable[[Any], None]] = None
 

@@ -131,10 +131,37 @@ def _with_mode(mode: Optional[str], kv: List[str]) -> List[str]:
     return [f"mode={mode}", *kv]
 
 
+def _family_of(group: str, option: str) -> Optional[str]:
+    from effrun.listing import _family_of as family_of
+
+    return family_of(group, option) or None
+
+
+def with_family_data(kv: List[str]) -> List[str]:
+    """`model=` of another task family than the default data, and no `data=` (nor a recipe that may
+    set it): take that family's default data, so `effrun infer model=efficientvit-m0` just works."""
+    if any(_key_of(o) in ("data", "recipe") for o in kv):
+        return kv
+    model = [o.split("=", 1)[1] for o in kv if _key_of(o) == "model" and not o.startswith("~")]
+    if not model or "," in model[-1] or "$" in model[-1]:
+        return kv
+    from effrun import registry
+    from effrun.config.paths import find_config
+
+    fam = _family_of("model", model[-1])
+    primary = find_config("", "config")
+    default = (OmegaConf.load(primary).get("defaults") if primary else None) or []
+    data = next((d["data"] for d in default if isinstance(d, dict) and "data" in d), None)
+    spec = registry.families().get(fam) if fam else None
+    if spec is None or not spec.default_data or (data and _family_of("data", str(data)) == fam):
+        return kv
+    return [*kv, f"data={spec.default_data}"]
+
+
 def validate_command(args: List[str]) -> int:
     mode = args[0] if args and args[0] in MODES else "train"
     hargs = HydraArgs(args[1:] if args and args[0] in MODES else args)
-    kv = _with_mode(mode, hargs.overrides)
+    kv = with_family_data(_with_mode(mode, hargs.overrides))
     _use(hargs, kv)
     cfg = compose_checked(kv)
     validate(cfg, running=False)
@@ -287,7 +314,7 @@ def run_command(mode: Optional[str], tokens: List[str], *, multirun: bool, dry_r
     hargs = HydraArgs(tokens)
     if multirun and hargs.info_only:
         raise UserError("-m (multirun) does not combine with --cfg, --info or -sc", key="-m")
-    kv = hargs.overrides if hargs.completion else _with_mode(mode, hargs.overrides)
+    kv = hargs.overrides if hargs.completion else with_family_data(_with_mode(mode, hargs.overrides))
     _use(hargs, kv)
     if hargs.completion and any(o.startswith("query=") for o in kv):
         completion_line()

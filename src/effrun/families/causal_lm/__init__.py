@@ -57,6 +57,7 @@ def check(cfg) -> None:
 
 
 spec = FamilySpec(
+    default_data="shakespeare",
     name="causal-lm", model_config=CausalLMModel, data_config=CausalLMData,
     plugin="effrun.families.causal_lm.plugin:CausalLM", unit="tokens", modes=("train", "infer"),
     description="decoder-only language models (transformers): next-token loss, tokens/s, TTFT/TBT",

@@ -137,6 +137,7 @@ def check_efficientvit(m) -> None:
 
 
 spec = FamilySpec(
+    default_data="mnist5k",
     name="image-classification", model_config=ImageModel, data_config=ImageData,
     plugin="effrun.families.image_classification.plugin:ImageClassification", unit="images",
     modes=("train", "infer"), check=check,

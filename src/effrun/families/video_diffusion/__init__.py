@@ -46,6 +46,7 @@ def _executor_supplied(cfg) -> bool:
 
 
 spec = FamilySpec(
+    default_data="video-tiny",
     name="video-diffusion", model_config=VideoDiTConfig, data_config=VideoSamplingConfig,
     plugin="effrun.families.video_diffusion.plugin:VideoDiffusion", unit="frames", modes=("infer",),
     check=check,
