@@ -130,3 +130,11 @@ def test_image_family_trains_above_chance_on_shipped_digits(effrun):
     assert s["measured/eval_loss"] < s["measured/eval_loss_start"]
     assert s["measured/images_per_s"] > 0 and s["measured/flops_per_image"] > 0
     assert [row["images"] for row in r.metrics()] == [32] * 60
+
+
+@pytest.mark.parametrize("model,data", [("cnn-small", "mnist5k"), ("vdit-tiny", "video-tiny"), ("llama-tiny", "shakespeare")])
+def test_a_model_of_another_family_takes_its_family_default_data(effrun, model, data):
+    r = effrun("validate", "infer", f"model={model}")
+    assert f"\ndata:\n  name: {data}\n" in r.stdout
+    r = effrun("validate", "infer", f"model={model}", "data=synthetic", check=False)  # an explicit choice is kept
+    assert (r.returncode == 0) == (data == "shakespeare")
