@@ -138,3 +138,10 @@ def test_a_model_of_another_family_takes_its_family_default_data(effrun, model, 
     assert f"\ndata:\n  name: {data}\n" in r.stdout
     r = effrun("validate", "infer", f"model={model}", "data=synthetic", check=False)  # an explicit choice is kept
     assert (r.returncode == 0) == (data == "shakespeare")
+
+
+def test_a_wall_clock_budget_stops_training_after_the_step_that_crosses_it(effrun):
+    r = effrun("train", "model=cnn-small", "run.max_steps=100000", "run.max_time_s=3", "logger=quiet")
+    s, rows = r.summary(), r.metrics()
+    assert s["status"] == "completed" and 1 <= s["measured/stopped_by_time_budget_at_step"] == len(rows) < 100000
+    assert rows[-2]["time"] < 3 + 60  # it stopped at the budget, not at max_steps

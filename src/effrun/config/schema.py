@@ -77,6 +77,9 @@ class RunConfig:
     threads: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
     max_steps: int = field(default=10, metadata={"range": "[1, inf)"})
     warmup_steps: int = field(default=2, metadata={"range": "[0, inf)"})  # excluded from throughput
+    # a wall-clock budget: training stops after the step that crosses it (comparisons "trained the
+    # same minutes"); null: max_steps alone decides
+    max_time_s: Optional[float] = field(default=None, metadata={"range": "(0, inf)"})
     grad_accum: int = field(default=1, metadata={"range": "[1, inf)"})
     lr: float = field(default=1e-4, metadata={"range": "(0, inf)"})
     weight_decay: float = field(default=0.0, metadata={"range": "[0, inf)"})

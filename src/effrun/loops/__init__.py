@@ -29,7 +29,7 @@ CORE_METRICS = {
               "?measured/flops_per_*", "?measured/mfu", "?projected/flops_per_*_formula", "?projected/mfu_formula", "?measured/eval_*", "?measured/resumed_from_step",
               "?measured/saved_bytes", "?measured/saved_tensors", "?info/export_dir",
               "measured/params_total", "measured/params_trainable", "measured/params_trainable_pct",
-              "?measured/max_seq_len*"),
+              "?measured/max_seq_len*", "?measured/stopped_by_time_budget_at_step"),
     "infer": ("measured/*_per_s", "?measured/ttft_s", "?measured/tbt_s", "measured/new_*", "measured/rounds",
               "measured/peak_mem_mb"),
     "plan": (),

@@ -141,6 +141,7 @@ def train(ctx) -> None:
     if tr.cuda:
         torch.cuda.reset_peak_memory_stats()
     reset_peak_rss()
+    t_start = time.perf_counter()
     for step in range(start, run.max_steps):
         t0 = time.perf_counter()
         measure = run.measure_saved_bytes and step == start and ctx.is_main
@@ -168,6 +169,9 @@ def train(ctx) -> None:
             raise slurm.Requeue(step + 1)
         if run.crash_after_steps is not None and step + 1 >= run.crash_after_steps:
             os._exit(137)  # test hook: a kill -9 after this step
+        if run.max_time_s is not None and ctx.all_reduce([time.perf_counter() - t_start], op="max")[0] >= run.max_time_s:
+            rec.set("measured/stopped_by_time_budget_at_step", step + 1)  # the same answer on every rank
+            break
     slurm.stop_polling()
     _finish(ctx, tr)
 
