@@ -144,4 +144,3 @@ def test_a_wall_clock_budget_stops_training_after_the_step_that_crosses_it(effru
     r = effrun("train", "model=cnn-small", "run.max_steps=100000", "run.max_time_s=3", "logger=quiet")
     s, rows = r.summary(), r.metrics()
     assert s["status"] == "completed" and 1 <= s["measured/stopped_by_time_budget_at_step"] == len(rows) < 100000
-    assert rows[-2]["time"] < 3 + 60  # it stopped at the budget, not at max_steps
