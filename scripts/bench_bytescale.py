@@ -15,7 +15,11 @@ measure  The strategies (balance, naive, static DP x CP mesh) are separate `effr
          does not exceed the difference it claims; otherwise the line says "not resolved".
 ring     Ring attention fwd+bwd per step on 4 gloo ranks (one sequence zigzag-split over all 4),
          alternating fused+overlap / fused without overlap / the eager reference, per step: wall time
-         (max over ranks) and time blocked in P2P waits. Spawned with effrun.launch.spawn.
+         (max over ranks), time blocked in P2P waits, compute CPU time (thread CPU less waits). The
+         first shape is the measured runs' attention (tiny Llama heads, a 4096-token sequence).
+         Spawned with effrun.launch.spawn.
+ablation (not in the default parts) balance with the eager ring and/or without the profile pass:
+         which fix removes which part of the imbalance (same statistics and traces as measure).
 project  LLaMA-7B/13B/70B on 1024 GPUs at 256K-2M context (static mesh vs HDP naive vs balance),
          the 70B term-by-term breakdown (compute, each ring level, hidden vs exposed, TP collectives,
          ZeRO-1 reduce-scatter / all-gather, per strategy) and what-if variants of its assumptions.
@@ -28,6 +32,7 @@ models and contexts.
     .venv/bin/python scripts/bench_bytescale.py                  # everything (~60-90 min on a loaded box)
     .venv/bin/python scripts/bench_bytescale.py --quick          # ~15-20 min
     .venv/bin/python scripts/bench_bytescale.py --parts project  # projection only
+    .venv/bin/python scripts/bench_bytescale.py --parts ablation # the imbalance fixes off/on (~40 min)
     .venv/bin/python scripts/bench_bytescale.py --from out.json  # re-print a saved run
 """
 from __future__ import annotations
@@ -35,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,6 +137,53 @@ def measure(rounds: int, steps: int, tokens: int, out_root: Path, extra) -> list
     return runs
 
 
+ABLATION = [("eager ring, no profile pass", ["technique.ring_impl=reference", "technique.profile=false"]),
+            ("fused ring, no profile pass", ["technique.profile=false"]),
+            ("eager ring + profile pass", ["technique.ring_impl=reference"]),
+            ("fused ring + profile pass", [])]
+
+
+def ablation(rounds: int, steps: int, tokens: int, out_root: Path, extra) -> list:
+    """The balance strategy with the two fixes of issue 15 off and on (A B C D per round and
+    distribution): the eager blockwise ring vs the fused kernel, and a scheduler that starts from FLOPs
+    and learns only from measured steps vs one profiled before step 0."""
+    runs = []
+    for rnd in range(rounds):
+        for dist in DISTS:
+            for k, (label, args) in enumerate(ABLATION):
+                tag = f"a{rnd}-{dist}-{k}"
+                r = run_train(tag, [f"technique.distribution={dist}", "technique.strategy=balance",
+                                    f"technique.tokens_per_step={tokens}", *args, *extra], out_root, steps)
+                r.update(round=rnd, dist=dist, strategy=label)
+                runs.append(r)
+                print(f"  {tag} ({label}): {r['wall_s']:.0f} s wall, load {r['load']:.1f}", file=sys.stderr, flush=True)
+    return runs
+
+
+def print_ablation(runs) -> dict:
+    out = {}
+    print(f"\n== ablation: balance strategy, CPU-time imbalance per timed step, median [p25-p75] (max); "
+          f"prediction error = |measured - predicted share of the step| per rank; "
+          f"{len({r['round'] for r in runs})} round(s) ==")
+    for dist in DISTS:
+        print(f"-- {dist}-like --")
+        for label, _ in ABLATION:
+            ci = _col(runs, dist, label, "compute_imbalance")
+            pi = _col(runs, dist, label, "predicted_imbalance")
+            an = _trace_analysis(runs, dist, label)
+            out[f"{dist}/{label}"] = {"cpu_imb": med(ci), "cpu_imb_p25": q(ci, .25), "cpu_imb_p75": q(ci, .75),
+                                      "cpu_imb_max": max(ci, default=float("nan")), "pred_imb": med(pi), **an}
+            ring = an["ring_measured_over_predicted"]
+            print(f"  {label:28} {med(ci):.3f} [{q(ci, .25):.3f}-{q(ci, .75):.3f}] ({max(ci, default=float('nan')):.3f})"
+                  f"   predicted {med(pi):.3f}   prediction error median {an['share_err_median']:.4f} p90 "
+                  f"{an['share_err_p90']:.4f}   ring measured/predicted {ring if ring is not None else float('nan'):.2f}")
+        base = _col(runs, dist, ABLATION[0][0], "compute_imbalance")
+        for label, _ in ABLATION[1:]:
+            print("    " + compare(_col(runs, dist, label, "compute_imbalance"), base,
+                                   f"CPU imbalance {label} vs {ABLATION[0][0]}", False))
+    return out
+
+
 def _col(runs, dist, st, key):
     return [row[key] for r in runs if r["dist"] == dist and r["strategy"] == st for row in r["steps"] if key in row]
 
@@ -154,7 +205,7 @@ def _trace_analysis(runs, dist, st):
             e = [c / sum(cpu) - p / sum(pred) for c, p in zip(cpu, pred)]
             err += [abs(x) for x in e]
             worst.append(max(range(len(cpu)), key=lambda i: cpu[i]))
-            if row["cost"][-1] == "s":
+            if row["cost"] and row["cost"][-1] == "s":
                 for x in row["ranks"]:
                     for d in x["detail"]:
                         if d["ring"]:
@@ -244,14 +295,14 @@ def ring_worker(rank, world, shapes, reps, out_path):
         for rep in range(reps + 1):  # the first round warms up and is not recorded
             for impl, ov in modes:
                 dist.barrier()
-                w0 = R.COMM["wait_s"]
-                t0 = time.perf_counter()
+                w0, wc0 = R.COMM["wait_s"], R.COMM["wait_cpu_s"]
+                t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(layers):
                     out = R.ring_attention(q, k, v, D ** -0.5, lay, impl=impl, overlap=ov)
                     out.backward(dout)
-                t = time.perf_counter() - t0
+                t, c = time.perf_counter() - t0, time.thread_time() - c0 - (R.COMM["wait_cpu_s"] - wc0)
                 if rep:
-                    rows[f"{impl}-{'overlap' if ov else 'serial'}"].append((t, R.COMM["wait_s"] - w0))
+                    rows[f"{impl}-{'overlap' if ov else 'serial'}"].append((t, R.COMM["wait_s"] - w0, c))
         res[key] = rows
     allres = [None] * world
     dist.all_gather_object(allres, res)
@@ -271,7 +322,8 @@ def ring(shapes, reps) -> dict:
         for mode in allres[0][key]:
             per = list(zip(*(r[key][mode] for r in allres)))  # per rep: (t, wait) of each rank
             res[key][mode] = {"step_s": [max(x[0] for x in rep) for rep in per],
-                              "wait_s": [max(x[1] for x in rep) for rep in per]}
+                              "wait_s": [max(x[1] for x in rep) for rep in per],
+                              "cpu_s": [max(x[2] for x in rep) for rep in per]}
     return res
 
 
@@ -281,15 +333,18 @@ def print_ring(res) -> None:
     for key, modes in res.items():
         print(f"-- {key} --")
         for mode, v in modes.items():
-            t, w = v["step_s"], v["wait_s"]
+            t, w, c = v["step_s"], v["wait_s"], v.get("cpu_s", [])
             print(f"  {mode:18} step {med(t) * 1e3:8.1f} ms [{q(t, .25) * 1e3:.1f}-{q(t, .75) * 1e3:.1f}]   blocked in "
-                  f"P2P waits {med(w) * 1e3:7.1f} ms")
+                  f"P2P waits {med(w) * 1e3:7.1f} ms   compute CPU {med(c) * 1e3:7.1f} ms")
         print("  " + compare(modes["fused-overlap"]["step_s"], modes["fused-serial"]["step_s"],
                              "overlap: step time serial/overlap"))
         print("  " + compare(modes["fused-overlap"]["wait_s"], modes["fused-serial"]["wait_s"],
                              "overlap: P2P wait serial/overlap"))
         print("  " + compare(modes["fused-overlap"]["step_s"], modes["reference-serial"]["step_s"],
                              "fused+overlap vs the eager reference: step time reference/fused"))
+        if modes["fused-serial"].get("cpu_s"):
+            print("  " + compare(modes["fused-serial"]["cpu_s"], modes["reference-serial"]["cpu_s"],
+                                 "fused kernel vs eager blocks: compute CPU reference/fused"))
 
 
 # --- project ---------------------------------------------------------------------------------------
@@ -324,7 +379,8 @@ def print_projection_block(dist, m, h, sub) -> None:
                   f"at most ~1 micro-batch per rank, nothing for the balance scheduler to move")
     ok = [r for r in sub if "error" not in r]
     d = {k: CM.doubling_slowdown(ok, f"{k}_step_s") for k in ("static", "naive", "balance")}
-    print("slowdown per context doubling: " + ", ".join(f"{k} {v:.2f}x" for k, v in d.items() if v)
+    print("slowdown per context doubling: " + (", ".join(f"{k} {v:.2f}x" for k, v in d.items() if v)
+                                               or "n/a (the contexts ran on different cluster sizes)")
           + f"   (paper: static ~{PAPER['per_doubling']['static']}x, naive ~{PAPER['per_doubling']['naive']}x, "
             f"balance ~{PAPER['per_doubling']['balance']}x)")
 
@@ -382,7 +438,8 @@ def whatif(model, hardware, gpus, ctx, tokens, dist) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="measure,ring,project")
+    ap.add_argument("--parts", default="measure,ring,project",
+                    help="any of measure, ring, project, ablation (not in the default: ~20 min a round)")
     ap.add_argument("--quick", action="store_true", help="same batches and scale, fewer rounds/steps/models")
     ap.add_argument("--rounds", type=int, default=None, help="measure: rounds of A B C (default 3, quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="measure: steps per run incl. 2 warm-up (8, quick 5)")
@@ -397,6 +454,8 @@ def main() -> None:
         out = json.loads(Path(a.src).read_text())
         if "runs" in out:
             print_measured(out["runs"])
+        if "ablation_runs" in out:
+            print_ablation(out["ablation_runs"])
         if "ring" in out:
             print_ring(out["ring"])
         return
@@ -409,8 +468,13 @@ def main() -> None:
         steps = a.steps or (5 if a.quick else 8)
         out["runs"] = measure(rounds, steps, a.tokens, root, a.extra)
         out["measured"] = print_measured(out["runs"])
+    if "ablation" in parts:
+        root = Path(tempfile.mkdtemp(prefix="bench_bytescale_ablation_"))
+        out["ablation_runs"] = ablation(a.rounds or (1 if a.quick else 2), a.steps or (5 if a.quick else 8), a.tokens,
+                                        root, a.extra)
+        out["ablation"] = print_ablation(out["ablation_runs"])
     if "ring" in parts:
-        shapes = [(4, 2, 16, 4096, 2)] + ([] if a.quick else [(8, 8, 64, 8192, 2)])
+        shapes = [(4, 2, 16, 4096, 2)] + ([] if a.quick else [(8, 8, 64, 4096, 1)])
         out["ring"] = ring(shapes, a.ring_reps or (7 if a.quick else 15))
         print_ring(out["ring"])
     if "project" in parts:

@@ -7,16 +7,19 @@ from effrun.techniques.bytescale import engine as E
 from effrun.techniques.bytescale import planner as P
 from effrun.techniques.bytescale import ring as R
 
-KERNELS = {"flash-cpu": R.FUSED["cpu"], "math": R.MATH}
+KERNELS = {"flash-cpu": (R.FUSED["cpu"], "cpu"), "math": (R.MATH, "cpu"), "efficient-cuda": (R.FUSED["cuda"], "cuda")}
+CASES = [(k, dt, tol) for k in sorted(KERNELS) for dt, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5))
+         if not (k == "efficient-cuda" and dt == torch.float64)]  # CUDA efficient attention has no fp64
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("name,dtype,tol", CASES)
 def test_blocks_merged_by_lse_and_their_backward_equal_dense_autograd(name, dtype, tol):
     """Keys in two blocks (the past, no mask; the diagonal, causal): forward blocks merged by their
     log-sum-exp equal dense causal attention, and each block's backward run with the MERGED output
     and log-sum-exp sums to autograd's dQ/dK/dV of the dense attention (GQA: 4 query, 2 KV heads)."""
-    fwd, bwd = KERNELS[name]
+    (fwd, bwd), device = KERNELS[name]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(0)
     H, Hkv, D, past, n = 4, 2, 16, 23, 17
     q = torch.randn(H, n, D, generator=g, dtype=torch.float64)
@@ -30,14 +33,14 @@ def test_blocks_merged_by_lse_and_their_backward_equal_dense_autograd(name, dtyp
     ref = R.dense_reference(torch.cat([torch.zeros(H, past, D, dtype=torch.float64), qd], 1), kd, vd, D ** -0.5,
                             seq, pos)[:, past:]
     ref.backward(dout)
-    qc, kc, vc, dc = (t.to(dtype) for t in (q, k, v, dout))
+    qc, kc, vc, dc = (t.to(device, dtype) for t in (q, k, v, dout))
     blocks = [((0, past), False), ((past, past + n), True)]
-    out = torch.zeros(H, n, D, dtype=R._acc_dtype(dtype))
-    lse = torch.full((H, n), float("-inf"), dtype=R._lse_dtype(dtype))
+    out = torch.zeros(H, n, D, dtype=R._acc_dtype(dtype), device=device)
+    lse = torch.full((H, n), float("-inf"), dtype=R._lse_dtype(dtype), device=device)
     for (a, b), causal in blocks:
         o, l = fwd(qc, kc[:, a:b], vc[:, a:b], D ** -0.5, causal)
         R._merge_rows(out, lse, ((0, n),), o, l)
-    assert float((out.double() - ref.detach()).abs().max()) < tol
+    assert float((out.double().cpu() - ref.detach()).abs().max()) < tol
     dq = torch.zeros_like(qc)
     dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
     for (a, b), causal in blocks:
@@ -46,7 +49,7 @@ def test_blocks_merged_by_lse_and_their_backward_equal_dense_autograd(name, dtyp
         dk[:, a:b] += gk
         dv[:, a:b] += gv
     for got, want in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
-        assert float((got.double() - want).abs().max()) < tol * 10
+        assert float((got.double().cpu() - want).abs().max()) < tol * 10
 
 
 def _layout(lengths, world, capacity, rank, strategy="naive", cp=0):

@@ -41,9 +41,12 @@ class ByteScaleConfig:
     max_len: int = 4096
     fixed_lengths: List[int] = field(default_factory=list)  # distribution=fixed: this list every step
     tokens_per_step: int = 16384  # global batch tokens
-    # cost model the scheduler balances: flops (6Ps + 6hs^2) or profile (flops until the warm-up steps
-    # end, then refitted every step from the measured micro-batch CPU times of all ranks)
+    # cost model the scheduler balances: flops (6Ps + 6hs^2) or profile (fitted on all ranks' measured
+    # micro-batch CPU times: a calibration pass before step 0, then refitted after every step)
     cost_source: str = "profile"
+    # cost_source=profile: time calibration micro-batches (local and ring) before the first planned
+    # step; false: start from FLOPs and refit from measured steps only (the first steps plan blind)
+    profile: bool = True
     profile_lengths: List[int] = field(default_factory=lambda: [64, 256, 1024, 2048])
     # write bytescale_trace.jsonl in the run dir: per step and rank, every micro-batch's features,
     # predicted cost and measured CPU/wall/wait seconds (what the imbalance metrics are made of)

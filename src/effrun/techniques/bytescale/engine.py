@@ -7,7 +7,6 @@ mean loss over the global batch, whatever the assignment and however many micro-
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from effrun.techniques.bytescale import ring as R
-from effrun.techniques.bytescale.planner import MicroBatch, Piece, Plan
+from effrun.techniques.bytescale.planner import MicroBatch, Plan
 
 
 def _ring_chunks(mb: MicroBatch) -> Tuple[List[R.Chunk], int]:

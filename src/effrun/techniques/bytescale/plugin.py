@@ -4,8 +4,10 @@
 - batch_plan (`HDPPlan`): every step, a global batch of mixed-length real-text sequences is planned
   (HDP balance / naive, or the static DP x CP mesh baseline) into this rank's micro-batches; each
   micro-batch carries its ring layout (and selective offload) as a context; the loss normaliser
-  is the global token count (token-level loss). After each step the ranks' times are gathered
-  into imbalance metrics and the profiled cost model is refitted.
+  is the global token count (token-level loss). The balance scheduler's cost is profiled: a
+  calibration pass (local and ring micro-batches on every rank) before the first step, then
+  refitted after each step from all ranks' measured micro-batch CPU times, which are also gathered
+  into the imbalance metrics.
 - engine (`Zero1Engine`): parameters and gradients replicated, AdamW states sharded (ZeRO-1);
   gradients SUMmed once per step (ranks may run different numbers of micro-batches).
 The static-mesh and naive baselines are the same technique with `technique.strategy=static|naive`
@@ -118,7 +120,8 @@ class HDPPlan(BatchPlan):
         """The balance scheduler plans with a profiled cost: profile once before the first planned
         step (not after a resume, whose checkpoint holds the fit)."""
         c = self.c
-        return c.cost_source == "profile" and (c.strategy == "balance" or c.offload) and not self.fit_rows
+        return c.cost_source == "profile" and c.profile and (c.strategy == "balance" or c.offload) and \
+            not self.fit_rows
 
     def profile(self) -> None:
         """Time forward + backward of calibration micro-batches on every rank (local sequences of the
