@@ -59,8 +59,10 @@ def parse(argv=None):
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--trees", default="16:7:10,8:5:4",
-                    help="tree configs total:depth:top_k, comma-separated (first: the paper's)")
+    ap.add_argument("--trees", default="16:7:10,16:7:10:8192,6:6:1:8192",
+                    help="tree configs total:depth:top_k[:draft_vocab], comma-separated; the first is the "
+                         "paper's (16 tokens, depth 7, top-k 10, full vocabulary); draft_vocab n > 0 drafts "
+                         "over the n most frequent training tokens")
     ap.add_argument("--draft-device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -76,11 +78,15 @@ def parse(argv=None):
     a.tree_list = []
     for spec in a.trees.split(","):
         try:
-            n, d, k = (int(x) for x in spec.split(":"))
+            vals = [int(x) for x in spec.split(":")]
+            n, d, k = vals[:3]
+            v = vals[3] if len(vals) == 4 else 0
+            if len(vals) not in (3, 4):
+                raise ValueError
         except ValueError:
-            raise UserError(f"tree {spec!r} is not total:depth:top_k", key="--trees")
-        validate_fields(DovetailConfig(total_tokens=n, depth=d, top_k=k))
-        a.tree_list.append((n, d, k))
+            raise UserError(f"tree {spec!r} is not total:depth:top_k[:draft_vocab]", key="--trees")
+        validate_fields(DovetailConfig(total_tokens=n, depth=d, top_k=k, draft_vocab=v))
+        a.tree_list.append((n, d, k, v))
     for k in ("prompts", "prompt_tokens", "max_new_tokens"):
         if getattr(a, k) < 1:
             raise UserError(f"{getattr(a, k)}: must be >= 1", key="--" + k.replace("_", "-"))
@@ -156,6 +162,7 @@ def load_drafts(a, target):
         if a.model == "tiny":
             torch.manual_seed(1)
             out[name] = DraftHead.for_target(target, "fc" if name == "eagle" else "dgf", 1 if name == "eagle" else 2)
+            out[name].count_tokens(torch.randint(0, 96, (4096,)))  # a random draft, random token counts
         elif Path(path).expanduser().exists():
             out[name] = load_draft(path, target).eval()
         else:
@@ -191,6 +198,10 @@ def load_assistant(a, target):
 
 def nbytes(mod) -> int:
     return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
+
+
+def tree_key(name, n, d, k, v) -> str:
+    return f"{name}[{n}:{d}:{k}" + (f":v{v}]" if v else "]")
 
 
 def run_strategy(strategy, target, ids, n):
@@ -289,8 +300,8 @@ def projection(a, results, meas):
     mcfg = yaml.safe_load((ROOT / "configs" / "model" / f"{a.project_model}.yaml").read_text())
     shape = cm.Shape.from_hf(mcfg["hf_config"])
     host, gpu, link = cm.from_hardware(hw)
-    n, d, k = a.tree_list[0]
-    key = f"dovetail[{n}:{d}:{k}]"
+    n, d, k, v = a.tree_list[0]
+    key = tree_key("dovetail", n, d, k, v)
     if key not in results:
         return None
     tau = results[key]["acceptance_length"]
@@ -353,11 +364,13 @@ def main(argv=None):
         runners["hf-assisted"] = lambda ids: run_hf_assisted(target, assistant, ids, a.max_new_tokens)
     decoders = {}
     for name, draft in drafts.items():
-        for (n, d, k) in a.tree_list:
-            dec = DovetailDecoding(target, draft, n, d, k, a.draft_device, a.draft_dtype)
-            decoders[f"{name}[{n}:{d}:{k}]"] = dec
-            runners[f"{name}[{n}:{d}:{k}]"] = (lambda dec: lambda ids: run_strategy(dec, target, ids,
-                                                                                 a.max_new_tokens))(dec)
+        for (n, d, k, v) in a.tree_list:
+            if a.model == "tiny" and v:
+                v = min(v, 48)
+            key = tree_key(name, n, d, k, v)
+            dec = DovetailDecoding(target, draft, n, d, k, a.draft_device, a.draft_dtype, draft_vocab=v)
+            decoders[key] = dec
+            runners[key] = (lambda dec: lambda ids: run_strategy(dec, target, ids, a.max_new_tokens))(dec)
     if offload is not None:
         runners["offload"] = lambda ids: run_offload(offload[0], ids, a.max_new_tokens)
 
@@ -435,18 +448,18 @@ def print_report(rep):
     print(f"\nDovetail bench: {s['model']}, {s['prompts']} held-out prompts x {s['prompt_tokens']} tokens, "
           f"{s['max_new_tokens']} new tokens, greedy, {s['threads']} threads, load {s['load_avg_1min_start']:.1f}"
           f"->{s['load_avg_1min_end']:.1f}, draft on {s['draft_device']}/{s['draft_dtype']}")
-    print(f"{'method':<24}{'tok/s':>8}{'speed-up':>10}{'accept':>8}{'draft ms':>10}{'verify ms':>11}"
+    print(f"{'method':<28}{'tok/s':>8}{'speed-up':>10}{'accept':>8}{'draft ms':>10}{'verify ms':>11}"
           f"{'draft %':>9}{'exact':>7}")
     for name, r in rep["measured"].items():
         f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-        print(f"{name:<24}{r['tok_s']:8.2f}{r['speedup']:9.2f}x{f(r['acceptance_length'], '%8.2f')}"
+        print(f"{name:<28}{r['tok_s']:8.2f}{r['speedup']:9.2f}x{f(r['acceptance_length'], '%8.2f')}"
               f"{f(r['draft_s_per_round'] and r['draft_s_per_round'] * 1e3, '%10.1f')}"
               f"{f(r['verify_s_per_round'] and r['verify_s_per_round'] * 1e3, '%11.1f')}"
               f"{100 * r['draft_share']:8.0f}%{r['exact']:>7}")
     print("memory per side (bytes):")
     for name, r in rep["measured"].items():
         if r["memory"]:
-            print(f"  {name:<22}" + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
+            print(f"  {name:<26}" + ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
                                                for k, v in r["memory"].items()))
     print(f"  process peak RSS: {s['peak_rss_mb']:.0f} MB")
     if rep["calibration"]:

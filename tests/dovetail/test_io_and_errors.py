@@ -158,12 +158,13 @@ def test_bench_bad_input_exit_2(args, needle):
 def test_bench_tiny_runs_all_rows(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run(BENCH + ["--model", "tiny", "--prompts", "1", "--prompt-tokens", "12", "--max-new-tokens",
-                                "16", "--threads", "1", "--offload-budget", "0.8", "--trees", "6:3:2",
+                                "16", "--threads", "1", "--offload-budget", "0.8", "--trees", "6:3:2,6:3:2:40",
                                 "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     rows = rep["measured"]
-    assert set(rows) == {"target-only", "hf-assisted", "eagle[6:3:2]", "dovetail[6:3:2]", "offload"}
+    assert set(rows) == {"target-only", "hf-assisted", "eagle[6:3:2]", "dovetail[6:3:2]", "eagle[6:3:2:v40]",
+                         "dovetail[6:3:2:v40]", "offload"}
     for name in ("target-only", "eagle[6:3:2]", "dovetail[6:3:2]", "offload"):
         assert rows[name]["exact"] == "1/1"
     assert rows["dovetail[6:3:2]"]["memory"]["draft_weight_bytes"] > 0
