@@ -14,7 +14,7 @@ if shutil.which("espeak-ng") is None:
 from effrun.errors import UserError
 from effrun.families.audio_classification import data as D
 from effrun.families.audio_classification import model as M
-from effrun.techniques.nnaudio import NnAudioConfig, build_front_end, features_are_log
+from effrun.techniques.nnaudio import FrontEndConfig, NnAudioConfig, build_front_end, features_are_log
 from effrun.techniques.nnaudio.baseline import PrecomputedDataset, librosa_features, precompute_features
 
 TINY = D.AudioDataConfig(words=["yes", "no", "stop"], n_speakers=4, eval_every=2, speeds=[175], pitches=[50],
@@ -93,7 +93,7 @@ def test_trainable_kernels_receive_gradients_and_the_loss_falls(tiny):
 
 def test_librosa_precompute_baseline_matches_the_layer_and_replays_the_stream(tiny, tmp_path):
     train, ev, classes = tiny
-    cfg = NnAudioConfig(front_end="mel", features="librosa_files")
+    cfg = FrontEndConfig(front_end="mel")
     out = precompute_features(train, cfg, SR, tmp_path / "train", batch_size=16, progress=lambda m: None)
     pre = PrecomputedDataset(out, like=train)
     feats = np.load(out / "features.npy")

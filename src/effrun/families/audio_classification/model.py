@@ -4,6 +4,10 @@ model(x): x is a waveform batch [B, S] when a front-end is given (features compu
 on the model's device, in train and infer), or a feature batch [B, F, T] when it is None (the
 precomputed-features baseline). Then: optional log compression (for magnitudes/powers; MFCCs are
 already in dB), per-frequency-row batch norm, three conv blocks, global average pool, linear.
+
+Built without a front-end and without n_features, the classifier waits for one:
+`attach_front_end(front_end, log_features)` prepends it (and sizes the per-row batch norm to its
+rows) -- what the nnaudio technique's transform_model does; until then forward refuses.
 """
 from __future__ import annotations
 
@@ -26,12 +30,13 @@ def feature_rows(front_end: nn.Module) -> int:
 
 
 class AudioClassifier(nn.Module):
-    def __init__(self, front_end: Optional[nn.Module], n_classes: int, n_features: int, log_features: bool = True,
-                 channels: Tuple[int, ...] = (16, 32, 64), dropout: float = 0.1):
+    def __init__(self, front_end: Optional[nn.Module], n_classes: int, n_features: Optional[int],
+                 log_features: bool = True, channels: Tuple[int, ...] = (16, 32, 64), dropout: float = 0.1):
         super().__init__()
         self.front_end = front_end
         self.log_features = log_features
-        self.norm = nn.BatchNorm1d(n_features)
+        # None: no input yet (a front-end attached later sizes it; the slot keeps the module order)
+        self.register_module("norm", nn.BatchNorm1d(n_features) if n_features is not None else None)
         blocks, c_in = [], 1
         for i, c in enumerate(channels):
             blocks += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -42,6 +47,21 @@ class AudioClassifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, n_classes)
 
+    def attach_front_end(self, front_end: nn.Module, log_features: bool = True) -> "AudioClassifier":
+        """Prepend a front-end ([B, S] -> [B, F, T]); the per-row batch norm gets its F rows (fresh
+        statistics: BatchNorm initialises deterministically, no random numbers are drawn)."""
+        if self.front_end is not None:
+            raise ValueError("this classifier already has a front-end")
+        p = next(self.parameters())
+        self.front_end = front_end.to(p.device)
+        self.log_features = log_features
+        self.norm = nn.BatchNorm1d(feature_rows(front_end)).to(device=p.device, dtype=p.dtype)
+        return self
+
+    @property
+    def takes_waveforms(self) -> bool:
+        return self.front_end is not None
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.front_end(x) if self.front_end is not None else x
         if self.log_features:
@@ -49,6 +69,9 @@ class AudioClassifier(nn.Module):
         return f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            raise RuntimeError("this classifier has no input features yet: attach a front-end "
+                               "(attach_front_end) or build it with n_features")
         f = self.norm(self.features(x))
         h = self.body(f[:, None])
         return self.head(self.drop(h.mean(dim=(2, 3))))
@@ -57,10 +80,9 @@ class AudioClassifier(nn.Module):
 def build_model(front_end: Optional[nn.Module], n_classes: int, n_features: Optional[int] = None,
                 log_features: bool = True, **kw) -> AudioClassifier:
     """front_end: a module [B, S] -> [B, F, T] (e.g. effrun.techniques.nnaudio.build_front_end), or
-    None for precomputed features (then n_features is required)."""
-    if n_features is None:
-        if front_end is None:
-            raise ValueError("n_features is required without a front-end")
+    None: precomputed features of n_features rows, or (n_features None too) a front-end attached
+    later with `attach_front_end`."""
+    if n_features is None and front_end is not None:
         n_features = feature_rows(front_end)
     return AudioClassifier(front_end, n_classes, n_features, log_features, **kw)
 
