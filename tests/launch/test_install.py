@@ -70,7 +70,9 @@ def test_wheel_ships_every_config_and_recipe_and_the_plugins(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"effrun/_configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")
             if "recipe" not in p.relative_to(ROOT / "configs").parts}
-    want |= {f"effrun/_configs/recipe/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")}
+    want |= {f"effrun/_configs/recipe/{p.relative_to(ROOT / 'recipes')}" for p in (ROOT / "recipes").rglob("*.yaml")}
+    # files techniques read at run time beside their code (an HLS header, a browser page)
+    want |= {str(p.relative_to(ROOT / "src")) for ext in ("*.h", "*.html", "*.js") for p in (ROOT / "src").rglob(ext)}
     assert len(want) > 40 and want <= names, sorted(want - names)
     assert "effrun/_configs/__init__.py" in names  # Hydra's pkg:// source needs a package
     assert "hydra_plugins/effrun_launcher/launcher.py" in names and "hydra_plugins/__init__.py" not in names
