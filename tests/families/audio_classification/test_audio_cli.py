@@ -42,19 +42,28 @@ def _run_dir(root: Path) -> Path:
     return dirs[-1]
 
 
+class _Arms:
+    """Each arm trained at most once per module, when a test first asks for it (one `effrun train`,
+    ~15-20 s): a test pays only for the arms it reads. arms[arm] -> (summary, run_dir)."""
+
+    def __init__(self, factory):
+        self.factory, self.done = factory, {}
+
+    def __getitem__(self, arm):
+        if arm not in self.done:
+            root = self.factory.mktemp(arm) / "out"
+            p = _effrun(root, "train", *TINY, *TRAIN, *ARMS[arm])
+            if p.returncode != 0 and "espeak-ng" in p.stderr:
+                pytest.skip(p.stderr.strip().splitlines()[-1])
+            assert p.returncode == 0, f"{arm}: exit {p.returncode}\n{p.stderr[-3000:]}"
+            d = _run_dir(root)
+            self.done[arm] = (json.loads((d / "summary.json").read_text()), d)
+        return self.done[arm]
+
+
 @pytest.fixture(scope="module")
 def arms(tmp_path_factory):
-    """Each arm trained once (module scope): {arm: (summary, run_dir)}."""
-    out = {}
-    for arm, extra in ARMS.items():
-        root = tmp_path_factory.mktemp(arm) / "out"
-        p = _effrun(root, "train", *TINY, *TRAIN, *extra)
-        if p.returncode != 0 and "espeak-ng" in p.stderr:
-            pytest.skip(p.stderr.strip().splitlines()[-1])
-        assert p.returncode == 0, f"{arm}: exit {p.returncode}\n{p.stderr[-3000:]}"
-        d = _run_dir(root)
-        out[arm] = (json.loads((d / "summary.json").read_text()), d)
-    return out
+    return _Arms(tmp_path_factory)
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
