@@ -96,47 +96,62 @@ def test_decoding_rejects_bad_tree_and_mismatch(target):
     one_line(e.value, "technique.top_k")
 
 
-def test_seams_adapter_trains_saves_loads_and_decodes(tmp_path, prompt):
+def _ctx(mode, tmp_path, family=None):
+    cfg = SimpleNamespace(mode=mode, model=SimpleNamespace(name="tiny"), data=SimpleNamespace(name="synthetic"),
+                          run=SimpleNamespace(max_steps=1))
+    return SimpleNamespace(mode=mode, run_dir=tmp_path, cfg=cfg, family=family, is_main=True)
+
+
+def test_seams_adapter_trains_saves_loads_and_decodes(tmp_path, target, trained_drafts, prompt):
+    """The adapter in both modes, driven the way the loops drive it: train (loss seam, the draft file
+    at the end), infer (the family's GenerationSession with the decoding seam, after_round per round)
+    with a trained draft: output equals the target alone while several tokens are accepted a round."""
+    from effrun.families.causal_lm.decode import GenerationSession
     from effrun.techniques.dovetail.plugin import Dovetail
 
-    t = tiny_target(dtype=torch.float32)
-    hw = SimpleNamespace(host_link=SimpleNamespace(name="pcie4", bandwidth_GBps=32.0, latency_us=10.0))
-    cfg = DovetailConfig(total_tokens=8, depth=4, top_k=3, draft_device="cpu", draft_dtype="float32")
-    train = Dovetail(cfg, SimpleNamespace(mode="train", run_dir=tmp_path, cfg=SimpleNamespace(hardware=hw)))
+    t32 = tiny_target(dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    fam = SimpleNamespace(eval_batches=lambda: [{"input_ids": ids}], to_device=lambda b: b)
+    cfg = DovetailConfig(total_tokens=12, depth=6, top_k=2, draft_device="cpu", draft_dtype="float32")
+    train = Dovetail(cfg, _ctx("train", tmp_path, fam))
     train.validate()
-    model = train.transform_model(t)
+    model = train.transform_model(t32)
     params = train.trainable_parameters(model)
     assert params and all(any(p is q for q in model.draft.parameters()) for p in params)
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     loss, n = train.loss(model, {"input_ids": ids, "labels": torch.cat([ids[:, 1:], ids[:, :1]], 1)})
     assert n == 2 * 11 and torch.isfinite(loss)
-    path = train.on_train_end(model)
-    assert Path(path) == tmp_path / "dovetail_draft.safetensors"
+    mets = train.metrics()
+    assert mets["info/draft_path"] == str(tmp_path / "dovetail_draft.safetensors")
+    assert load_draft(mets["info/draft_path"], t32).spec == train.draft.spec
+    with pytest.raises(UserError) as e:  # a draft of another target (t32 differs from the float64 one only by dtype)
+        load_draft(mets["info/draft_path"], tiny_target(seed=3))
+    one_line(e.value, "technique.draft_path")
 
-    cfg.draft_path = path
-    inf = Dovetail(cfg, SimpleNamespace(mode="infer", run_dir=tmp_path, cfg=SimpleNamespace(hardware=hw)))
+    path = save_draft(trained_drafts["dgf"], tmp_path / "trained.safetensors", target_header(target))
+    cfg.draft_path = str(path)
+    inf = Dovetail(cfg, _ctx("infer", tmp_path))
     inf.validate()
-    m = inf.transform_model(t)
-    strategy = inf.decoding()
-    first, state = strategy.prefill(m, prompt)
-    out = first[0].tolist()
-    i = 0
-    while len(out) < 20:
-        new, rnd = strategy.step(m, state)
-        inf.after_round(i, rnd, 0.0)
-        out += new[0].tolist()
-        i += 1
+    m = inf.transform_model(target)
+    session = GenerationSession(m, prompt, 30, inf.decoding())
+    rows = []
+    for i, rnd in enumerate(session.rounds()):
+        rnd.run()
+        rows.append(inf.after_round(i, rnd, 0.0))
     inf.on_infer_end()
-    ref, _, _, _ = generate(GreedyDecoding(t), t, prompt, 20)
-    assert out[:20] == ref
+    ref, _, _, _ = generate(GreedyDecoding(target), target, prompt, 30)
+    assert session.new_ids()[0].tolist() == ref
     mets = inf.metrics()
-    assert mets["measured/acceptance_length"] == pytest.approx((len(out) - 1) / i)
+    decode = rows[1:]
+    assert rows[0] == {} and all(r["tree_size"] <= 12 for r in decode)
+    assert mets["measured/verify_rounds"] == len(decode)
+    assert mets["measured/acceptance_length"] == pytest.approx(sum(r["accepted"] + 1 for r in decode) / len(decode))
+    assert mets["measured/acceptance_length"] > 1.5 and max(r["accepted"] for r in decode) >= 3
     assert mets["projected/pcie_s_per_round"] > 10e-6 * 2
     assert all(k.split("/")[0] in ("measured", "projected", "info") for k in mets)
 
     cfg.draft_path = None
     with pytest.raises(UserError) as e:
-        Dovetail(cfg, SimpleNamespace(mode="infer", run_dir=tmp_path, cfg=None)).validate()
+        Dovetail(cfg, _ctx("infer", tmp_path)).validate()
     one_line(e.value, "technique.draft_path")
 
 

@@ -12,13 +12,18 @@ them. Greedy output equals the target alone, token for token.
 Library: `draft` (DGF / EAGLE fusion, the head, save/load with a target header), `tree` (dynamic
 draft tree, mask, greedy acceptance), `decoding` (prefill/step strategy, the draft worker),
 `train` (target features, EAGLE loss), `costmodel` (projection to a LLaMA2-7B-shaped target).
-No torch import here (the CLI imports specs to compose configs). Not yet registered as an entry
-point: `plugin.py` is the thin adapter for the seams API.
+No torch import here (the CLI imports specs to compose configs). `plugin.py` is the thin adapter
+for the seams API (entry point `dovetail = "effrun.techniques.dovetail:spec"`).
+
+Draft file convention: train writes `technique.draft_path` (default `<run_dir>/dovetail_draft.safetensors`);
+infer reads `technique.draft_path` = that file, or a train run's directory (the file inside it), or
+`random` (an untrained head from `init_seed`: lossless but accepts little; smoke runs and tests).
 """
 from dataclasses import dataclass
 from typing import Optional
 
 from effrun.errors import UserError
+from effrun.technique import TechniqueSpec
 
 FUSIONS = ("dgf", "fc")  # dgf: Dovetail's Dynamic Gating Fusion; fc: EAGLE-1's concat + linear
 DRAFT_DEVICES = ("auto", "cpu", "cuda")
@@ -60,11 +65,74 @@ class DovetailConfig:
     # greedy continuation of the rest (0: EAGLE's fixed-corpus training)
     self_distill_tokens: int = 0
     init_seed: int = 0
+    # infer: the projection of the measured acceptance length to a big target on the host CPU with
+    # the draft on a GPU (configs/model/<project_model>, configs/hardware/<project_hardware>: its
+    # host_cpu_* and host_link), a draft of `project_draft_layers` layers (the paper: 5); keys projected/
+    project_model: str = "llama-7b"
+    project_hardware: str = "rtx-a6000"
+    project_draft_layers: int = 5
+
+
+RANDOM_DRAFT = "random"  # technique.draft_path=random: an untrained head (smoke runs, tests)
+DRAFT_FILE = "dovetail_draft.safetensors"
 
 
 def check(cfg, node) -> None:
     """One-line errors for bad values, before any model is built (no torch import)."""
+    from pathlib import Path
+
     validate_fields(node)
+    if int(node.project_draft_layers) < 1:
+        raise UserError(f"project_draft_layers={node.project_draft_layers}: must be >= 1",
+                        key="technique.project_draft_layers")
+    _check_projection(node)
+    mode = getattr(cfg, "mode", None)
+    if mode == "infer":
+        if not node.draft_path:
+            raise UserError("infer needs a trained draft: a file or a train run's directory (train one with "
+                            f"`effrun train +technique=dovetail`), or {RANDOM_DRAFT!r} for an untrained head",
+                            key="technique.draft_path")
+        if node.draft_path != RANDOM_DRAFT:
+            draft_file(node.draft_path)
+
+
+def draft_file(path: str):
+    """The draft checkpoint named by `path`: the file itself, or `<dir>/dovetail_draft.safetensors`
+    when `path` is a train run's directory. One line when there is none."""
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        p = p / DRAFT_FILE
+    if not p.is_file():
+        raise UserError(f"no draft checkpoint at {p} (train one with `effrun train +technique=dovetail`, then "
+                        "pass the file or the run directory)", key="technique.draft_path")
+    return p
+
+
+def _check_projection(node) -> None:
+    from omegaconf import OmegaConf
+
+    from effrun.config.paths import find_config, group_options
+
+    hw = find_config("hardware", str(node.project_hardware))
+    ok = [h for h in group_options("hardware") if _has_host(find_config("hardware", h))]
+    if hw is None or not _has_host(hw):
+        raise UserError(f"unknown projection hardware {node.project_hardware!r} (needs host_cpu_* and a GPU)",
+                        key="technique.project_hardware", choices=sorted(ok))
+    m = find_config("model", str(node.project_model))
+    if m is None or "hidden_size" not in (OmegaConf.load(m).get("hf_config") or {}):
+        raise UserError(f"unknown projection model {node.project_model!r} (needs a model config with hf_config)",
+                        key="technique.project_model")
+
+
+def _has_host(path) -> bool:
+    from omegaconf import OmegaConf
+
+    if path is None:
+        return False
+    hw = OmegaConf.load(path)
+    return bool(hw.get("host_cpu_gflops")) and bool(hw.get("host_cpu_mem_bw_GBps")) and bool(hw.get("peak_tflops"))
 
 
 def validate_fields(node) -> None:
@@ -105,8 +173,24 @@ def validate_fields(node) -> None:
         raise UserError("reg_weight and ce_weight are both 0: nothing to train", key="technique.ce_weight")
 
 
-# The spec the integration step registers (entry point `dovetail = "effrun.techniques.dovetail:spec"`)
-# once the seams land; kept as plain data here so nothing imports the plugin before then.
-SPEC_DRAFT = dict(name="dovetail", config=DovetailConfig, plugin="effrun.techniques.dovetail.plugin:Dovetail",
-                  modes=("train", "infer"), check=check,
-                  description="Dovetail: draft head (DGF) on the accelerator, target verifies a token tree on the CPU")
+def unsupported_run(cfg, node):
+    return {"compile": "the draft trains through a frozen target wrapper (torch.compile of it is not supported)",
+            "infer_batch_size": "the target verifies one sequence's draft tree per round"}
+
+
+TRAIN_KEYS = ("info/draft_path", "measured/draft_params", "measured/draft_top1_agreement")
+INFER_KEYS = ("measured/acceptance_length", "measured/verify_rounds", "measured/draft_s_per_round",
+              "measured/verify_s_per_round", "measured/draft_share", "measured/bytes_to_draft_per_round",
+              "measured/bytes_to_target_per_round", "measured/target_weight_bytes", "measured/target_kv_peak_bytes",
+              "measured/draft_weight_bytes", "measured/draft_kv_peak_bytes", "?measured/draft_cuda_max_allocated_bytes",
+              "info/draft_device", "info/draft_path", "projected/*")
+
+spec = TechniqueSpec(
+    name="dovetail", config=DovetailConfig, plugin="effrun.techniques.dovetail.plugin:Dovetail",
+    modes=("train", "infer"), families=("causal-lm",), check=check, unsupported_run=unsupported_run,
+    seams={"train": ("loss",), "infer": ("decoding",)},
+    metrics={"train": TRAIN_KEYS, "infer": INFER_KEYS},
+    smoke_overrides={"train": ("technique.ce_fraction=0.5",),
+                     "infer": ("technique.draft_path=random", "technique.total_tokens=4", "technique.depth=2",
+                               "technique.top_k=2", "technique.draft_dtype=float32")},
+    description="Dovetail: draft head (DGF) on the accelerator, target verifies a token tree on the CPU")

@@ -1,12 +1,16 @@
 """The thin adapter from effrun's seams (docs/architecture.md) to the Dovetail library.
 
-train: `transform_model` wraps the frozen target and a fresh draft head (`DovetailTrainModule`),
-       `trainable_parameters` is the head's, `loss` is EAGLE's (feature regression + soft CE),
-       `export`/`on_train_end` writes the head with its target header.
-infer: `transform_model` loads the head (refusing a draft of another target), `decoding` returns
-       the prefill/step strategy, `after_round` accumulates the per-round split, `metrics` reports
-       acceptance length, draft vs verify time, memory per side and the modelled PCIe time.
-Not registered yet (the entry point is added when the seams land).
+train (the one train loop): `transform_model` wraps the frozen target and a fresh draft head
+       (`DovetailTrainModule`), `trainable_parameters` is the head's, `loss` is EAGLE's (feature
+       regression + soft CE through the frozen lm_head; token level: (sum, positions)). At the end
+       (`metrics`, the loop's last call into a technique) the head is written with its target header
+       to `technique.draft_path` (default `<run_dir>/dovetail_draft.safetensors`); `run.export=true`
+       also writes it into the export folder.
+infer (the one infer loop): `transform_model` loads the head (refusing a draft of another target),
+       `decoding` returns the prefill/step strategy (draft tree + one tree-masked target forward per
+       round), `after_round` accumulates the per-round split the strategy puts in each round's row,
+       `metrics` reports acceptance length, draft vs verify time, memory per side, bytes crossing,
+       and the projection of the measured acceptance length to a LLaMA2-7B target (projected/).
 """
 from __future__ import annotations
 
@@ -15,9 +19,34 @@ from typing import Dict, Optional
 
 from effrun.errors import UserError
 from effrun.technique import Technique
-from effrun.techniques.dovetail import validate_fields
+from effrun.techniques.dovetail import DRAFT_FILE, RANDOM_DRAFT, draft_file, validate_fields
 
-DRAFT_FILE = "dovetail_draft.safetensors"
+
+class LoopDecoding:
+    """The library strategy (`step -> (new ids, round values)`) in the family session's protocol
+    (`step -> new ids`). The round's values wait in `last` for the technique's `after_round`, which
+    returns them as the round's row extras (the session's own `round_metrics` path fills `rnd.row`
+    only after the loop has logged the row, so it is not used)."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.last: Dict = {}
+
+    def prefill(self, model, input_ids):
+        self.last = {}
+        return self.strategy.prefill(model, input_ids)
+
+    def step(self, model, state):
+        new, self.last = self.strategy.step(model, state)
+        return new
+
+    def tokens_in(self, state) -> int:
+        """Tokens the next target forward reads: the root + the tree (its size is fixed by the config)."""
+        return 1 + int(self.strategy.worker.session.total_tokens) if hasattr(self.strategy, "worker") else 1
+
+    def pop(self) -> Dict:
+        out, self.last = self.last, {}
+        return out
 
 
 class Dovetail(Technique):
@@ -27,6 +56,9 @@ class Dovetail(Technique):
         self.target = None
         self.draft = None
         self.strategy = None
+        self.loop_decoding = None
+        self.train_module = None
+        self.saved_path: Optional[Path] = None
         self.rounds = {"rounds": 0, "new_tokens": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.0,
                        "bytes_to_draft": 0, "bytes_to_target": 0}
 
@@ -34,12 +66,13 @@ class Dovetail(Technique):
     def validate(self) -> None:
         validate_fields(self.cfg)
         if self.ctx.mode == "infer":
-            if not self.cfg.draft_path:
-                raise UserError("infer needs a trained draft (train one with `effrun train +technique=dovetail`)",
-                                key="technique.draft_path")
-            from effrun.techniques.dovetail.draft import read_header
+            from effrun.techniques.dovetail import check
 
-            read_header(self.cfg.draft_path)  # exists and is a Dovetail draft; the target check needs the model
+            check(self.ctx.cfg, self.cfg)
+            if self.cfg.draft_path != RANDOM_DRAFT:
+                from effrun.techniques.dovetail.draft import read_header
+
+                read_header(draft_file(self.cfg.draft_path))  # a Dovetail draft; the target check needs the model
             from effrun.techniques.dovetail.decoding import resolve_draft_device
 
             resolve_draft_device(self.cfg.draft_device, self.cfg.draft_dtype)
@@ -53,84 +86,129 @@ class Dovetail(Technique):
             from effrun.techniques.dovetail.train import DovetailTrainModule
 
             self.draft = DraftHead.for_target(model, self.cfg.fusion, self.cfg.draft_layers, self.cfg.init_seed)
-            return DovetailTrainModule(model, self.draft)
-        self.draft = load_draft(self.cfg.draft_path, model).eval()
+            self.train_module = DovetailTrainModule(model, self.draft)
+            return self.train_module
+        if self.cfg.draft_path == RANDOM_DRAFT:
+            self.draft = DraftHead.for_target(model, self.cfg.fusion, self.cfg.draft_layers, self.cfg.init_seed)
+        else:
+            self.draft = load_draft(draft_file(self.cfg.draft_path), model)
         return model
 
     def trainable_parameters(self, model):
-        return [p for p in model.draft.parameters() if p.requires_grad]
+        return [p for p in self.draft.parameters() if p.requires_grad]
 
     def loss(self, model, batch):
         c = self.cfg
-        return model.loss(batch, c.reg_weight, c.ce_weight, c.feature_noise, c.ce_fraction, c.self_distill_tokens)
+        mod = self.train_module if self.train_module is not None else model
+        return mod.loss(batch, c.reg_weight, c.ce_weight, c.feature_noise, c.ce_fraction, c.self_distill_tokens)
 
     # --- infer seams ----------------------------------------------------------------------------
     def decoding(self):
         from effrun.techniques.dovetail.decoding import DovetailDecoding
 
-        self.strategy = DovetailDecoding(self.target, self.draft, self.cfg.total_tokens, self.cfg.depth,
+        self.strategy = DovetailDecoding(self.target, self.draft.eval(), self.cfg.total_tokens, self.cfg.depth,
                                          self.cfg.top_k, self.cfg.draft_device, self.cfg.draft_dtype,
                                          draft_vocab=self.cfg.draft_vocab)
-        return self.strategy
+        self.loop_decoding = LoopDecoding(self.strategy)
+        return self.loop_decoding
 
     def after_round(self, i, rnd, dt) -> Dict:
-        """`rnd`: the step's metrics dict (draft_s, verify_s, accepted, tree_size, bytes...)."""
-        if not isinstance(rnd, dict) or "accepted" not in rnd:
+        """This round's split (decode rounds): summed for the summary, returned as row values."""
+        row = self.loop_decoding.pop() if self.loop_decoding is not None else {}
+        if "accepted" not in row:
             return {}
-        self.rounds["rounds"] += 1
-        self.rounds["new_tokens"] += rnd["accepted"] + 1
+        r = self.rounds
+        r["rounds"] += 1
+        r["new_tokens"] += int(row["accepted"]) + 1  # before the session drops a last round's surplus
         for k in ("accepted", "draft_s", "verify_s", "bytes_to_draft", "bytes_to_target"):
-            self.rounds[k] += rnd.get(k, 0)
-        return {"accepted": rnd["accepted"], "draft_s": rnd["draft_s"], "verify_s": rnd["verify_s"]}
+            r[k] += row.get(k, 0)
+        return {k: row[k] for k in ("accepted", "tree_size", "draft_s", "verify_s")}
 
     def on_infer_end(self) -> None:
         if self.strategy is not None:
             self.strategy.close()
 
+    # --- metrics --------------------------------------------------------------------------------
     def metrics(self) -> Dict:
+        if self.ctx.mode == "train":
+            return self._train_end()
         r = self.rounds
         if self.ctx.mode != "infer" or not r["rounds"]:
             return {}
+        from effrun.techniques.dovetail.decoding import acceptance_length
+
         n = r["rounds"]
-        out = {"measured/acceptance_length": r["new_tokens"] / n,
+        out = {"measured/acceptance_length": acceptance_length(r["new_tokens"], n),
+               "measured/verify_rounds": n,
                "measured/draft_s_per_round": r["draft_s"] / n,
                "measured/verify_s_per_round": r["verify_s"] / n,
                "measured/draft_share": r["draft_s"] / max(1e-12, r["draft_s"] + r["verify_s"]),
                "measured/bytes_to_draft_per_round": r["bytes_to_draft"] / n,
-               "measured/bytes_to_target_per_round": r["bytes_to_target"] / n}
+               "measured/bytes_to_target_per_round": r["bytes_to_target"] / n,
+               "info/draft_path": str(self.cfg.draft_path if self.cfg.draft_path == RANDOM_DRAFT
+                                      else draft_file(self.cfg.draft_path).absolute())}
         if self.strategy is not None:
             for k, v in self.strategy.memory().items():
                 out[f"measured/{k}"] = v
             out["info/draft_device"] = f"{self.strategy.worker.device}/{self.strategy.worker.dtype}"
-        link = self._host_link()
-        if link is not None:
-            from effrun.techniques.dovetail.costmodel import Link, link_s
-
-            lk = Link(link["name"], float(link["bandwidth_GBps"]), float(link["latency_us"]))
-            out["projected/pcie_s_per_round"] = link_s(r["bytes_to_draft"] / n, lk) + \
-                link_s(r["bytes_to_target"] / n, lk)
+        out.update(self._projection(out))
         return out
 
-    def _host_link(self) -> Optional[dict]:
-        hw = getattr(self.ctx.cfg, "hardware", None)
-        link = getattr(hw, "host_link", None) if hw is not None else None
-        if link is None:
-            return None
-        return {k: getattr(link, k) if not isinstance(link, dict) else link[k]
-                for k in ("name", "bandwidth_GBps", "latency_us")}
+    def _projection(self, meas: Dict) -> Dict:
+        """The measured acceptance length and bytes per round, projected to `project_model` on the
+        host CPU of `project_hardware` with the draft on its GPU (costmodel.project; roofline terms)."""
+        from omegaconf import OmegaConf
 
-    # --- state ----------------------------------------------------------------------------------
+        from effrun.config.paths import find_config
+        from effrun.techniques.dovetail import costmodel as cm
+
+        c = self.cfg
+        hw = OmegaConf.to_container(OmegaConf.load(find_config("hardware", c.project_hardware)), resolve=True)
+        mcfg = OmegaConf.to_container(OmegaConf.load(find_config("model", c.project_model)), resolve=True)
+        host, gpu, link = cm.from_hardware(hw)
+        shape = cm.Shape.from_hf(mcfg["hf_config"])
+        tau = meas["measured/acceptance_length"]
+        p = cm.project(shape, host, gpu, link, tau, c.total_tokens, c.depth, c.top_k, c.project_draft_layers,
+                       c.fusion)
+        pre = f"projected/{c.project_model}@{c.project_hardware}"
+        out = {f"{pre}/{k}": float(p[k]) for k in
+               ("cpu_only_tok_s", "dovetail_tok_s", "speedup_vs_cpu_only", "round_s", "verify_s", "draft_s",
+                "transfer_s", "draft_vram_gb", "accelerate_offload_tok_s", "layer_split_tok_s")}
+        # this run's measured bytes per round over that host link (the small target's features)
+        out["projected/pcie_s_per_round"] = cm.link_s(meas["measured/bytes_to_draft_per_round"], link) + \
+            cm.link_s(meas["measured/bytes_to_target_per_round"], link)
+        return out
+
+    # --- train end: the draft file --------------------------------------------------------------
     def draft_path_out(self) -> Path:
-        return Path(self.cfg.draft_path).expanduser() if self.cfg.draft_path else Path(self.ctx.run_dir) / DRAFT_FILE
+        p = self.cfg.draft_path
+        if p and p != RANDOM_DRAFT:
+            p = Path(p).expanduser()
+            return p / DRAFT_FILE if p.is_dir() else p
+        return Path(self.ctx.run_dir) / DRAFT_FILE
 
-    def export(self, model, path=None) -> str:
+    def _save(self, path: Path) -> Path:
         from effrun.techniques.dovetail.draft import save_draft, target_header
 
-        target = model.target if hasattr(model, "target") else self.target
-        draft = model.draft if hasattr(model, "draft") else self.draft
-        out = Path(path) / DRAFT_FILE if path is not None else self.draft_path_out()
-        save_draft(draft, out, target_header(target), {"fusion": self.cfg.fusion, "layers": self.cfg.draft_layers})
-        return str(out)
+        return save_draft(self.draft, path, target_header(self.target),
+                          {"fusion": self.cfg.fusion, "layers": self.cfg.draft_layers,
+                           "run_dir": str(self.ctx.run_dir), "model": str(self.ctx.cfg.model.name),
+                           "data": str(self.ctx.cfg.data.name), "steps": int(self.ctx.cfg.run.max_steps)})
 
-    def on_train_end(self, model) -> str:
-        return self.export(model)
+    def _train_end(self) -> Dict:
+        if self.draft is None:
+            return {}
+        out = {"measured/draft_params": int(sum(p.numel() for p in self.draft.parameters()))}
+        hit = tot = 0
+        fam = self.ctx.family
+        for batch in fam.eval_batches():  # the draft's next-feature top-1 == the target's (held-out blocks)
+            h, t = self.train_module.accuracy(fam.to_device(batch))
+            hit, tot = hit + h, tot + t
+        out["measured/draft_top1_agreement"] = hit / max(1, tot)
+        if self.ctx.is_main:
+            self.saved_path = self._save(self.draft_path_out())
+        out["info/draft_path"] = str(self.draft_path_out())
+        return out
+
+    def export(self, model, path=None) -> str:
+        return str(self._save(Path(path) / DRAFT_FILE))

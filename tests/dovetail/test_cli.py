@@ -1,0 +1,95 @@
+"""Dovetail through the real CLI and the one train / infer loop, tiny random Llama targets.
+
+`effrun train +technique=dovetail` writes the draft with its target header; `effrun infer
++technique=dovetail technique.draft_path=<run dir>` decodes through the infer loop with that draft,
+and its greedy output equals `effrun infer` without the technique, token for token. Bad input is
+one line naming the key, exit 2, no traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["model=llama-tiny", "logger=quiet"]
+TREE = ["technique.total_tokens=6", "technique.depth=3", "technique.top_k=2", "technique.draft_dtype=float32"]
+INFER = [*TINY, "run.max_new_tokens=20", "run.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny draft trained through `effrun train` (6 steps on synthetic tokens): the run dir."""
+    root = tmp_path_factory.mktemp("dovetail_train")
+    env = dict(os.environ, EFFRUN_OUTPUT_ROOT=str(root / "out"), PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    args = ["train", "+technique=dovetail", *TINY, "data=synthetic", "data.seq_len=32", "data.batch_size=2",
+            "run.max_steps=6", "run.warmup_steps=1", "run.lr=3e-3", "run.threads=1", "technique.draft_layers=2"]
+    r = subprocess.run([sys.executable, "-m", "effrun.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (summary,) = list((root / "out").rglob("summary.json"))
+    return summary.parent, json.loads(summary.read_text())
+
+
+def test_train_writes_the_draft_with_its_target_header(trained):
+    from effrun.techniques.dovetail.draft import FORMAT, read_header
+
+    run_dir, s = trained
+    assert s["status"] == "completed" and s["technique"] == "dovetail"
+    path = run_dir / "dovetail_draft.safetensors"
+    assert s["info/draft_path"] == str(path) and path.is_file()
+    hdr = read_header(path)
+    assert hdr["format"] == FORMAT
+    assert hdr["target"]["hidden_size"] == 64 and hdr["target"]["vocab_size"] == 256
+    assert hdr["draft"]["fusion"] == "dgf" and hdr["draft"]["layers"] == 2
+    # only the head trains: its parameter count is what the optimizer saw
+    assert s["measured/params_trainable"] == s["measured/draft_params"] < s["measured/params_total"]
+    assert 0.0 <= s["measured/draft_top1_agreement"] <= 1.0
+    # the loss seam is EAGLE's (regression + 0.1 soft CE), not the family's next-token CE (~ln 256 = 5.5)
+    assert s["measured/loss"] < 3.0
+
+
+def test_infer_with_the_trained_draft_equals_target_alone(effrun, trained):
+    run_dir, _ = trained
+    ref = effrun("infer", *INFER, root=run_dir.parent / "ref").summary()
+    r = effrun("infer", "+technique=dovetail", *INFER, *TREE, f"technique.draft_path={run_dir}",
+               root=run_dir.parent / "dvt")
+    s = r.summary()
+    assert s["info/generated_ids"] == ref["info/generated_ids"] and len(ref["info/generated_ids"]) == 20
+    rows = [m for m in r.metrics() if m.get("kind") == "decode"]
+    # acceptance length as defined: new tokens / verification rounds, each round accepted + 1
+    assert s["measured/verify_rounds"] == len(rows)
+    assert s["measured/acceptance_length"] == pytest.approx(sum(m["accepted"] + 1 for m in rows) / len(rows))
+    assert sum(m["tokens"] for m in rows) + 1 == 20 and all(m["tree_size"] <= 6 for m in rows)
+    assert s["measured/draft_weight_bytes"] > 0 and s["measured/target_weight_bytes"] > 0
+    assert s["measured/draft_s_per_round"] > 0 and s["measured/verify_s_per_round"] > 0
+    assert s["projected/llama-7b@rtx-a6000/dovetail_tok_s"] > 0
+    assert s["info/draft_path"] == str(run_dir / "dovetail_draft.safetensors")
+
+
+def _one_line(r, key):
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {key}:"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_draft_of_another_target_is_one_line(effrun, trained):
+    run_dir, _ = trained
+    # same shapes, other weights (fingerprint), then another hidden size
+    for extra, needle in ((["model.init_seed=1"], "fingerprint"), (["model.hf_config.hidden_size=32"], "hidden size")):
+        r = effrun("infer", "+technique=dovetail", *INFER, *TREE, f"technique.draft_path={run_dir}", *extra,
+                   check=False)
+        _one_line(r, "technique.draft_path")
+        assert needle in r.stderr
+
+
+@pytest.mark.parametrize("args,key", [
+    (["technique.total_tokens=0", "technique.draft_path=random"], "technique.total_tokens"),
+    (["technique.total_tokens=4", "technique.depth=5", "technique.draft_path=random"], "technique.depth"),
+    ([], "technique.draft_path"),                                   # infer without a draft
+    (["technique.draft_path=/nonexistent/dir"], "technique.draft_path"),
+])
+def test_bad_input_is_one_line_exit_2(effrun, tmp_path, args, key):
+    r = effrun("infer", "+technique=dovetail", *TINY, *args, check=False)
+    _one_line(r, key)
+    assert not any(d.joinpath("metrics.jsonl").exists() for d in r.run_dirs())
