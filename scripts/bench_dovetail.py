@@ -50,8 +50,10 @@ CACHE = Path(os.environ.get("EFFRUN_CACHE", Path.home() / ".cache" / "effrun")) 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "tiny"])
-    ap.add_argument("--draft", default=str(CACHE / "smollm2-135m-dovetail-dgf-L2.safetensors"))
-    ap.add_argument("--eagle-draft", default=str(CACHE / "smollm2-135m-eagle-fc-L1.safetensors"))
+    # the drafts `effrun train +technique=dovetail` wrote (docs/techniques/dovetail.md: the commands);
+    # a train run's directory works too
+    ap.add_argument("--draft", default=str(CACHE / "effrun" / "smollm2-135m-dgf-L2.safetensors"))
+    ap.add_argument("--eagle-draft", default=str(CACHE / "effrun" / "smollm2-135m-fc-L1.safetensors"))
     ap.add_argument("--extra-draft", action="append", default=[], metavar="NAME=PATH",
                     help="more draft heads to compare (e.g. dgf-L1=...)")
     ap.add_argument("--assistant", default=str(CACHE / "smollm2-135m-assistant-L4"),
@@ -164,7 +166,9 @@ def load_drafts(a, target):
             out[name] = DraftHead.for_target(target, "fc" if name == "eagle" else "dgf", 1 if name == "eagle" else 2)
             out[name].count_tokens(torch.randint(0, 96, (4096,)))  # a random draft, random token counts
         elif Path(path).expanduser().exists():
-            out[name] = load_draft(path, target).eval()
+            from effrun.techniques.dovetail import draft_file
+
+            out[name] = load_draft(draft_file(path), target).eval()
         else:
             print(f"[skip] {name}: no draft at {path} (train it: effrun train +technique=dovetail ...)",
                   file=sys.stderr)
@@ -318,6 +322,16 @@ def projection(a, results, meas):
     return out
 
 
+def _spread(xs):
+    """{median, min, max, n} of a list (None when empty)."""
+    if not xs:
+        return None
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    med = ys[mid] if len(ys) % 2 else 0.5 * (ys[mid - 1] + ys[mid])
+    return {"median": med, "min": ys[0], "max": ys[-1], "n": len(ys)}
+
+
 def calibrate(target, tree_tokens: int, reps: int = 3):
     """This machine: one-token and (tree+1)-token forwards of the target at a 128-token context."""
     import torch
@@ -379,7 +393,7 @@ def main(argv=None):
         for name, run in runners.items():
             run(prompts[0][:, :32])
     acc = {name: {"time_s": 0.0, "rounds": 0, "new_tokens": 0, "draft_s": 0.0, "verify_s": 0.0, "exact": 0,
-                  "bytes_to_draft": 0, "bytes_to_target": 0} for name in runners}
+                  "bytes_to_draft": 0, "bytes_to_target": 0, "per_prompt_s": []} for name in runners}
     mem = {}
     t_start = time.time()
     for i, ids in enumerate(prompts):
@@ -393,6 +407,7 @@ def main(argv=None):
             for k in ("time_s", "rounds", "new_tokens", "draft_s", "verify_s", "bytes_to_draft", "bytes_to_target"):
                 r[k] += st.get(k, 0) or 0
             r["exact"] += int(out == ref)
+            r["per_prompt_s"].append(st.get("time_s", 0.0))
             mem[name] = st.get("memory", {})
         el = time.time() - t_start
         print(f"prompt {i + 1}/{len(prompts)} done ({el:.0f}s, eta {el / (i + 1) * (len(prompts) - i - 1):.0f}s)",
@@ -408,6 +423,10 @@ def main(argv=None):
                "verify_s_per_round": r["verify_s"] / r["rounds"] if r["rounds"] else None,
                "draft_share": r["draft_s"] / max(1e-9, r["draft_s"] + r["verify_s"]),
                "exact": f"{r['exact']}/{len(prompts)}", "memory": mem.get(name, {}),
+               # per-prompt speed-ups (target-only time / this method's time on the same prompt,
+               # measured back to back): median and range show the spread a busy machine adds
+               "speedup_per_prompt": _spread([b / t for b, t in zip(acc["target-only"]["per_prompt_s"],
+                                                                    r["per_prompt_s"]) if t > 0]),
                "bytes_per_round": {"to_draft": r["bytes_to_draft"] / r["rounds"] if r["rounds"] else 0,
                                    "to_target": r["bytes_to_target"] / r["rounds"] if r["rounds"] else 0}}
         if name == "target-only":
@@ -448,11 +467,13 @@ def print_report(rep):
     print(f"\nDovetail bench: {s['model']}, {s['prompts']} held-out prompts x {s['prompt_tokens']} tokens, "
           f"{s['max_new_tokens']} new tokens, greedy, {s['threads']} threads, load {s['load_avg_1min_start']:.1f}"
           f"->{s['load_avg_1min_end']:.1f}, draft on {s['draft_device']}/{s['draft_dtype']}")
-    print(f"{'method':<28}{'tok/s':>8}{'speed-up':>10}{'accept':>8}{'draft ms':>10}{'verify ms':>11}"
-          f"{'draft %':>9}{'exact':>7}")
+    print(f"{'method':<28}{'tok/s':>8}{'speed-up':>10}{'per-prompt med [min-max]':>26}{'accept':>8}"
+          f"{'draft ms':>10}{'verify ms':>11}{'draft %':>9}{'exact':>7}")
     for name, r in rep["measured"].items():
         f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-        print(f"{name:<28}{r['tok_s']:8.2f}{r['speedup']:9.2f}x{f(r['acceptance_length'], '%8.2f')}"
+        sp = r.get("speedup_per_prompt")
+        spt = f"{sp['median']:.2f} [{sp['min']:.2f}-{sp['max']:.2f}]" if sp else "-"
+        print(f"{name:<28}{r['tok_s']:8.2f}{r['speedup']:9.2f}x{spt:>26}{f(r['acceptance_length'], '%8.2f')}"
               f"{f(r['draft_s_per_round'] and r['draft_s_per_round'] * 1e3, '%10.1f')}"
               f"{f(r['verify_s_per_round'] and r['verify_s_per_round'] * 1e3, '%11.1f')}"
               f"{100 * r['draft_share']:8.0f}%{r['exact']:>7}")
