@@ -88,6 +88,7 @@ def test_draft_of_another_target_is_one_line(effrun, trained):
     (["technique.total_tokens=4", "technique.depth=5", "technique.draft_path=random"], "technique.depth"),
     ([], "technique.draft_path"),                                   # infer without a draft
     (["technique.draft_path=/nonexistent/dir"], "technique.draft_path"),
+    (["technique.draft_path=random", "run.infer_batch_size=2"], "run.infer_batch_size"),
 ])
 def test_bad_input_is_one_line_exit_2(effrun, tmp_path, args, key):
     r = effrun("infer", "+technique=dovetail", *TINY, *args, check=False)
