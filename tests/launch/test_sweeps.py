@@ -28,7 +28,7 @@ def test_fast_preflight_composes_exactly_what_each_point_composes_alone():
     ])
     points += [["model=llama-tiny", "+technique=none", "+technique@technique2=lora", "technique2.r=3"],
                ["model=llama-tiny", "data=synthetic", "hardware.peak_tflops={float32: 1.5}", "run.seed=${run.max_steps}"],
-               ["model=llama-tiny", "~trace"]]
+               ["model=llama-tiny", "~recipe_info"]]
     assert len(points) == 2 * 2 * 2 * 2 * 2 + 3
     seen = {}
     check_points(points, on_point=lambda i, cfg: seen.__setitem__(i, OmegaConf.to_container(cfg, resolve=True)))
@@ -38,7 +38,7 @@ def test_fast_preflight_composes_exactly_what_each_point_composes_alone():
     # values set in place were undone before the next point
     assert [seen[i]["run"]["lr"] for i in range(32)] == [1e-3 if "run.lr=0.001" in p else 0.5 for p in points[:32]]
     assert [seen[i]["run"]["max_grad_norm"] for i in range(32)] == [None, 2.0] * 16
-    assert seen[len(points) - 2]["run"]["seed"] == 10 and "trace" not in seen[len(points) - 1]
+    assert seen[len(points) - 2]["run"]["seed"] == 10 and "recipe_info" not in seen[len(points) - 1]
 
 
 @pytest.mark.parametrize("sweep, bad", [

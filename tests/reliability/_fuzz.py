@@ -61,13 +61,21 @@ def candidates() -> Dict[str, List[Tuple[str, List[str], List[str]]]]:
     from effrun.config import schema
 
     out: Dict[str, List[Tuple[str, List[str], List[str]]]] = {}
-    core = {"model": schema.ModelConfig, "data": schema.DataConfig, "hardware": schema.HardwareConfig,
-            "parallelism": schema.ParallelismConfig, "logger": schema.LoggerConfig, "run": schema.RunConfig,
-            "trace": schema.TraceConfig}
+    core = {"hardware": schema.HardwareConfig, "parallelism": schema.ParallelismConfig,
+            "logger": schema.LoggerConfig, "run": schema.RunConfig}
     for group, cls in core.items():
         out[group] = [("train", ["model=llama-tiny"], [f"{key}={v}"])
                       for key, kind in fields_of(cls, f"{group}.") if not key.endswith((".name", ".description"))
                       for v in BAD[kind] if not (key in READ_BY_COMPOSE_VALIDATE and v in INTERPOLATIONS)]
+    # model and data are typed by each task family's dataclasses: fuzz them on the family's smoke run
+    for fname, fam in registry.families().items():
+        mode = fam.modes[0]
+        base = list(fam.smoke_overrides.get(mode, ()))
+        for group, cls in (("model", fam.model_config), ("data", fam.data_config)):
+            out[f"{fname}:{group}"] = [(mode, base, [f"{key}={v}"])
+                                       for key, kind in fields_of(cls, f"{group}.")
+                                       if not key.endswith((".name", ".description"))
+                                       for v in BAD[kind] if not (key in READ_BY_COMPOSE_VALIDATE and v in INTERPOLATIONS)]
     for name, spec in registry.techniques().items():
         mode = spec.modes[0]
         base = [f"+technique={name}", *spec.smoke_overrides.get(mode, ())]
@@ -80,7 +88,7 @@ def candidates() -> Dict[str, List[Tuple[str, List[str], List[str]]]]:
                       for v in ("nonexistent", "../configs/model/llama-tiny", "''", "$x$")]
     out["choices"] += [("train", [], [f"+technique={v}"]) for v in ("nonexistent", "''", "lora,paca", "none")]
     out["syntax"] = [("train", ["model=llama-tiny"], [s]) for s in SYNTAX]
-    return out
+    return {where: cs for where, cs in out.items() if cs}  # a technique without keys has nothing to fuzz
 
 
 def inputs(n: int = 240, seed: int = 14) -> List[Tuple[str, List[str], List[str], str]]:

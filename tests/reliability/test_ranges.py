@@ -29,13 +29,26 @@ def test_parse_range():
 
 def test_every_numeric_core_field_declares_a_range():
     assert list(unranged_numeric_fields(schema.Config)) == []
+    for fam in _families():  # model and data are typed by their family's dataclasses
+        assert list(unranged_numeric_fields(fam.model_config)) == [], fam.name
+        assert list(unranged_numeric_fields(fam.data_config)) == [], fam.name
+
+
+def _families():
+    from effrun import registry
+
+    return list(registry.families().values())
 
 
 def _groups():
-    """(config path, dataclass) of every core group (hardware's links are a list of LinkLevel)."""
-    return [("model", schema.ModelConfig), ("data", schema.DataConfig), ("hardware", schema.HardwareConfig),
-            ("hardware.host_link", schema.LinkLevel), ("parallelism", schema.ParallelismConfig),
-            ("logger", schema.LoggerConfig), ("run", schema.RunConfig)]
+    """(config path, dataclass, family) of every core group (hardware's links are a list of LinkLevel)
+    and of every registered family's model and data dataclasses (model/data are family-typed)."""
+    core = [("hardware", schema.HardwareConfig, None), ("hardware.host_link", schema.LinkLevel, None),
+            ("parallelism", schema.ParallelismConfig, None), ("logger", schema.LoggerConfig, None),
+            ("run", schema.RunConfig, None)]
+    fams = [(k, getattr(f, k + "_config"), f) for f in _families() for k in ("model", "data")]
+    assert len(fams) >= 8, fams  # causal-lm, image, audio, video: each a model and a data dataclass
+    return core + fams
 
 
 def _edges(r):
@@ -53,28 +66,35 @@ def _edges(r):
     return outside, inside
 
 
-def _cfg():
+def _cfg(family=None):
     cfg = OmegaConf.structured(schema.Config)
     cfg.hardware.host_link = OmegaConf.structured(schema.LinkLevel)
+    if family is not None:
+        cfg.model = OmegaConf.structured(family.model_config)
+        cfg.data = OmegaConf.structured(family.data_config)
     return cfg
 
 
 def test_each_declared_range_is_enforced_at_both_edges():
     n = 0
-    for path, cls in _groups():
+    for path, cls, fam in _groups():
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for name, r in declared_ranges(cls).items():
             key = f"{path}.{name}"
             is_int = "int" in str(types[name]) and "float" not in str(types[name])
+            is_list = "List" in str(types[name])  # a range on a list applies to every element
             outside, inside = _edges(r)
             for v in outside:
                 if is_int and not (isinstance(v, float) and v.is_integer()):
                     continue  # an int field cannot hold nan/inf/fractions (OmegaConf refuses them itself)
-                cfg = _cfg()
+                cfg = _cfg(fam)
                 val = int(v) if is_int else float(v)
                 if name == "peak_tflops":
                     OmegaConf.update(cfg, key, {"float32": val})
                     key_shown = f"{key}.float32"
+                elif is_list:
+                    OmegaConf.update(cfg, key, [val])
+                    key_shown = f"{key}[0]"
                 else:
                     OmegaConf.update(cfg, key, val)
                     key_shown = key
@@ -84,9 +104,9 @@ def test_each_declared_range_is_enforced_at_both_edges():
                 assert line.startswith(f"error: {key_shown}: ") and r.text in line and "\n" not in line, line
                 n += 1
             for v in inside:
-                cfg = _cfg()
+                cfg = _cfg(fam)
                 val = int(v) if is_int else float(v)
-                OmegaConf.update(cfg, key, {"float32": val} if name == "peak_tflops" else val)
+                OmegaConf.update(cfg, key, {"float32": val} if name == "peak_tflops" else [val] if is_list else val)
                 check_ranges(cfg)  # no error
                 n += 1
     assert n > 80
