@@ -100,7 +100,11 @@ def test_report_cli_on_real_multirun(sweep, tmp_path):
 
     md = (out / "report.md").read_text()
     assert md.startswith("# LoRA vs full fine-tuning")
-    assert "No projected/ keys" in md
+    # every train run projects MFU from the 6N + 12LHT formula beside its counted FLOPs: projected/
+    # keys live in their own section, never in the measured tables
+    proj_md = md.split("## Projected")[1].split("## Plots")[0]
+    assert "| projected/flops_per_token_formula |" in proj_md and "measured/" not in proj_md
+    assert not any(k.startswith("projected/") for k in data["main_table"]["keys"])
     for name in ("loss", "step_time", "tokens_per_s"):
         check_png(out / "plots" / f"{name}.png")
         assert f"(plots/{name}.png)" in md
@@ -162,7 +166,9 @@ def test_report_status_projected_and_technique_metrics(sweep, tmp_path):
     measured_keys = {row[0] for row in data["measured_table"]["rows"]}
     projected_keys = {row[0] for row in data["projected_table"]["rows"]}
     assert {"measured/cache_hit_rate", "measured/only_here"} <= measured_keys
-    assert projected_keys == {"projected/step_time_s", "projected/hardware"}
+    # the written runs' keys, and the real sweep runs' formula projections
+    assert projected_keys == {"projected/step_time_s", "projected/hardware", "projected/mfu_formula",
+                              "projected/flops_per_token_formula"}
     assert all(k.startswith("measured/") for k in measured_keys)
     assert not any(k.startswith("projected/") for k in data["main_table"]["keys"])
     meas_md = md.split("## Other measured metrics")[1].split("## Projected")[0]

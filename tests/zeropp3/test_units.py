@@ -299,8 +299,6 @@ def test_ds_bad_user_config_is_one_line_at_validation(tmp_path, text):
 
 @pytest.mark.parametrize("overrides,key", [
     (["technique.engine=fsdp2"], "technique.quantized_weights"),
-    (["technique.engine=fsdp2", "technique.quantized_weights=false", "technique.quantized_gradients=false"],
-     "run.measure_saved_bytes"),
     (["technique.engine=fsdp2", "technique.quantized_weights=false", "technique.quantized_gradients=false",
       "run.measure_saved_bytes=false", "technique.prefetch=true"], "technique.prefetch"),
     (["technique.engine=deepspeed", "technique.quantized_weights=false", "technique.quantized_gradients=false",
