@@ -3,9 +3,9 @@ at random times), then `run.resume=true`, over >= 20 seeded kills on llama-tiny:
 from the newest intact checkpoint, and the finished run's loss sequence equals an uninterrupted run's,
 each step logged exactly once.
 
-The kill points come from inotify on the run dir: the temp file of checkpoint step_k appearing or
-growing (during), step_k.pt being renamed into place (after), metrics.jsonl receiving step k-1's row
-(before step_k is written). Runs are forked from a warm process (tests/reliability/_zygote.py); one
+The kill points come from inotify on the run dir: the temp file of checkpoint step_k's rank file
+appearing or growing (during), step_k's `complete` marker being renamed into place (after),
+metrics.jsonl receiving step k-1's row (before step_k is written). Layout: loops/checkpoint.py. Runs are forked from a warm process (tests/reliability/_zygote.py); one
 trial also runs the real `python -m effrun.cli` in a fresh interpreter.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import List, Optional
 import pytest
 
 from effrun import durable
+from effrun.loops.checkpoint import complete_steps
 from tests.reliability._watch import IN_CREATE, IN_MODIFY, IN_MOVED_TO, Inotify
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,8 @@ SEED = 1414
 TINY = ["model=llama-tiny", "data=synthetic", "data.seq_len=32", "data.batch_size=2", f"run.max_steps={N_STEPS}",
         "run.warmup_steps=0", "run.checkpoint_every=1", "run.eval_at_end=false", "run.threads=1",
         "run.measure_saved_bytes=false", "logger=default"]
-TMP_CKPT = re.compile(r"^\.step_(\d+)\.pt.*tmp$")
+TMP_CKPT = re.compile(r"^\.rank_\d+\.pt\..*\.tmp$")  # a rank file being written (in checkpoints/step_N/)
+STEP_DIR = re.compile(r"^step_(\d+)$")
 PROGRESS = re.compile(r"\] step (\d+)/\d+")
 
 
@@ -83,8 +85,26 @@ def rows(run_dir: Path) -> List[dict]:
 
 
 def newest_intact_step(run_dir: Path) -> int:
-    path, state = durable.newest_intact(run_dir / "checkpoints", on_warning=lambda _: None)
-    return int(state["step"]) if path is not None else 0
+    """The step resume must start from: the newest complete checkpoint whose file loads."""
+    for d in complete_steps(run_dir):
+        try:
+            return int(durable.load_torch(d / "rank_0.pt")["step"])
+        except durable.CorruptCheckpoint:
+            continue
+    return 0
+
+
+def _step_of_dir(d: str) -> Optional[int]:
+    m = STEP_DIR.match(os.path.basename(d))
+    return int(m.group(1)) if m else None
+
+
+def watch_checkpoints(ino, run_dir: Path, d: str, name: str, mask: int) -> None:
+    """Follow the checkpoint tree as it appears: checkpoints/, then each step_N/ directory."""
+    if d == str(run_dir) and name == "checkpoints" and mask & IN_CREATE:
+        ino.watch(str(run_dir / "checkpoints"))
+    elif d == str(run_dir / "checkpoints") and STEP_DIR.match(name) and mask & IN_CREATE:
+        ino.watch(os.path.join(d, name))
 
 
 def first_logged_step(log: Path) -> Optional[int]:
@@ -109,13 +129,12 @@ class Chain:
 
 
 def _trigger(kill: Kill, d: str, name: str, mask: int, run_dir: Path, counts: dict) -> bool:
-    ckpt = str(run_dir / "checkpoints")
-    if kill.phase == "during" and d == ckpt:
-        m = TMP_CKPT.match(name)
-        if m and int(m.group(1)) == kill.target and mask & (IN_CREATE | IN_MODIFY):
+    step = _step_of_dir(d) if os.path.dirname(d) == str(run_dir / "checkpoints") else None
+    if kill.phase == "during" and step == kill.target:
+        if TMP_CKPT.match(name) and mask & (IN_CREATE | IN_MODIFY):
             counts["n"] = counts.get("n", 0) + 1
             return counts["n"] > counts["skip"]
-    if kill.phase == "after" and d == ckpt and mask & IN_MOVED_TO and name == f"step_{kill.target}.pt":
+    if kill.phase == "after" and step == kill.target and mask & IN_MOVED_TO and name == "complete":
         return True
     if kill.phase == "before" and d == str(run_dir) and name == "metrics.jsonl" and mask & (IN_MODIFY | IN_MOVED_TO):
         r = rows(run_dir)
@@ -130,6 +149,8 @@ def run_once(z: Zygote, chain: Chain, kill: Optional[Kill], rng: random.Random, 
     ino.watch(str(run_dir))
     if (run_dir / "checkpoints").is_dir():
         ino.watch(str(run_dir / "checkpoints"))
+        for sub in (run_dir / "checkpoints").glob("step_*"):
+            ino.watch(str(sub))
     counts = {"skip": rng.randint(0, 3)}
     argv = ["train", *TINY, f"hydra.run.dir={run_dir}", "run.resume=true"]
     pid = z.launch(argv, {"EFFRUN_OUTPUT_ROOT": str(run_dir.parent)}, run_dir.parent, log)
@@ -139,8 +160,7 @@ def run_once(z: Zygote, chain: Chain, kill: Optional[Kill], rng: random.Random, 
     try:
         while alive(pid) and not killed:
             for d, name, mask in ino.events(0.02):
-                if d == str(run_dir) and name == "checkpoints" and mask & IN_CREATE:
-                    ino.watch(str(run_dir / "checkpoints"))
+                watch_checkpoints(ino, run_dir, d, name, mask)
                 if kill and _trigger(kill, d, name, mask, run_dir, counts):
                     os.kill(pid, signal.SIGKILL)
                     killed = True
@@ -164,9 +184,9 @@ def _plan(rng: random.Random, start: int) -> Kill:
 
 def _observe(run_dir: Path, kill: Kill) -> None:
     ck = run_dir / "checkpoints"
-    names = os.listdir(ck) if ck.is_dir() else []
+    names = [n for sub in ck.glob("step_*") for n in os.listdir(sub)] if ck.is_dir() else []
     kill.temp_left = any(TMP_CKPT.match(n) for n in names)
-    steps = sorted(int(n[5:-3]) for n in names if durable.CKPT_RE.match(n))
+    steps = sorted(int(d.name[5:]) for d in complete_steps(run_dir))
     if kill.temp_left:
         kill.observed = "during a checkpoint write (temp file left)"
     elif not steps:
@@ -174,7 +194,7 @@ def _observe(run_dir: Path, kill: Kill) -> None:
     elif kill.phase == "after" and kill.target in steps:
         kill.observed = "after a checkpoint was renamed into place"
     else:
-        kill.observed = f"between checkpoints (newest step_{steps[-1]}.pt)"
+        kill.observed = f"between checkpoints (newest step_{steps[-1]})"
 
 
 def reference_losses(z: Zygote, root: Path) -> tuple:
@@ -265,10 +285,8 @@ def test_sigkill_during_checkpoint_of_the_real_cli_process(tmp_path):
         deadline = time.monotonic() + 300
         while p.poll() is None and killed_at is None and time.monotonic() < deadline:
             for d, name, mask in ino.events(0.05):
-                if name == "checkpoints" and mask & IN_CREATE:
-                    ino.watch(str(run_dir / "checkpoints"))
-                m = TMP_CKPT.match(name)
-                if m and int(m.group(1)) == 3 and mask & IN_CREATE:
+                watch_checkpoints(ino, run_dir, d, name, mask)
+                if _step_of_dir(d) == 3 and TMP_CKPT.match(name) and mask & IN_CREATE:
                     p.send_signal(signal.SIGKILL)
                     killed_at = 3
                     break
