@@ -247,20 +247,39 @@ def _rendezvous_store(rank: int, world: int, timeout_s: float):
     addr = e.get("MASTER_ADDR") or (slurm_master_addr() if "SLURM_PROCID" in e else "127.0.0.1")
     job = e.get("SLURM_JOB_ID")
     port = int(e.get("MASTER_PORT") or (20000 + int(job) % 20000 if job else 29500)) + 1
+    if rank != 0:  # poll with a plain socket first: a client TCPStore logs C++ stack traces while it retries
+        from effrun.launch import KEY, RENDEZVOUS_ENV, _reachable
+
+        if not _reachable(addr, port, time.monotonic() + timeout_s):
+            raise UserError(f"rank {rank} of {world} could not reach rank 0's run-dir store at {addr}:{port} within "
+                            f"{timeout_s:g} s (is rank 0 running? timeout: {RENDEZVOUS_ENV})", key=KEY)
     store = TCPStore(addr, port, world, is_master=rank == 0, timeout=t, wait_for_workers=False)
     return store, f"effrun/{job or 'env'}", True
 
 
-def shared_run_dir(kv: List[str], cfg, timeout_s: float = 600.0) -> List[str]:
+def shared_run_dir(kv: List[str], cfg, timeout_s: Optional[float] = None) -> List[str]:
     """Under torchrun / accelerate launch / Slurm tasks with parallelism=env, every rank runs this
     CLI and would resolve its own `${now:...}` run dir: rank 0 picks the dir (resume lookup or a
-    fresh one), writes its run_id there, and the others take both from it."""
+    fresh one), writes its run_id there, and the others take both from it. Waits at most the
+    rendezvous timeout (EFFRUN_RENDEZVOUS_TIMEOUT_S) for the other ranks: a rank that never
+    starts is one line, exit 2, as at the process group's rendezvous."""
+    from effrun.launch import KEY, RENDEZVOUS_ENV, timeouts
+
     p = cfg.parallelism
     r = dist_rank()
     if p.launcher != "env" or p.world_size <= 1 or r is None or r[1] <= 1 or _has_run_dir(kv):
         return kv
+    if timeout_s is None:
+        timeout_s = timeouts()[0]
     rank, world = r
-    store, prefix, hosted = _rendezvous_store(rank, world, timeout_s)
+    try:
+        store, prefix, hosted = _rendezvous_store(rank, world, timeout_s)
+    except Exception as e:  # DistNetworkError / DistStoreError by torch version
+        if isinstance(e, UserError):
+            raise
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__).strip()[:160]
+        raise UserError(f"rank {rank} of {world} could not reach the run-dir store of rank 0 within {timeout_s:g} s "
+                        f"({first}; timeout: {RENDEZVOUS_ENV})", key=KEY) from None
     key, acks = f"{prefix}/run_dir", f"{prefix}/run_dir_acks"
     if rank == 0:
         if store.check([key]):  # an elastic restart of the same job: keep its dir
@@ -277,12 +296,21 @@ def shared_run_dir(kv: List[str], cfg, timeout_s: float = 600.0) -> List[str]:
             store.set(key, os.path.abspath(d))
             d = os.path.abspath(d)
         if hosted:  # the store goes away with this process's handle: wait until every rank has read
-            t0 = time.time()
-            while store.add(acks, 0) < world - 1 and time.time() - t0 < timeout_s:
+            t0, want = time.time(), [f"{acks}/{q}" for q in range(1, world)]
+            while not store.check(want):
+                if time.time() - t0 >= timeout_s:
+                    missing = [str(q) for q, k in enumerate(want, 1) if not store.check([k])]
+                    raise UserError(f"rank(s) {', '.join(missing)} of {world} did not join within {timeout_s:g} s "
+                                    "(they take the run dir from rank 0; started ranks must share "
+                                    f"MASTER_ADDR/MASTER_PORT; timeout: {RENDEZVOUS_ENV})", key=KEY)
                 time.sleep(0.05)
     else:
-        d = store.get(key).decode()
-        store.add(acks, 1)
+        try:
+            d = store.get(key).decode()
+        except Exception:  # DistStoreError / RuntimeError by torch version: rank 0 never published
+            raise UserError(f"rank {rank} of {world} got no run dir from rank 0 within {timeout_s:g} s "
+                            f"(is rank 0 running? timeout: {RENDEZVOUS_ENV})", key=KEY) from None
+        store.set(f"{acks}/{rank}", "1")
     print(f"effrun: rank {rank}/{world}: run dir {d}", file=sys.stderr, flush=True)
     return [*kv, f"hydra.run.dir={_quote(d)}"]
 

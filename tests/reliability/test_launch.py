@@ -81,3 +81,14 @@ def test_cli_env_launcher_without_peers_is_one_line(effrun):
                     "EFFRUN_RENDEZVOUS_TIMEOUT_S": "2"})
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "rank(s) 1 of 2 did not join within 2 s" in r.stderr
+
+
+def test_cli_env_launcher_rank_without_rank0_is_one_line(effrun):
+    """A non-zero rank whose rank 0 never starts: one line naming the store and the timeout (no C++
+    retry traces), exit 2, within the rendezvous timeout."""
+    r = effrun("train", "model=llama-tiny", "data=synthetic", "parallelism=env", "parallelism.world_size=2",
+               "logger=quiet", "run.max_steps=2", check=False, timeout=60,
+               env={"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": str(free_port()),
+                    "EFFRUN_RENDEZVOUS_TIMEOUT_S": "2"})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "rank 1 of 2 could not reach rank 0" in r.stderr, r.stderr
