@@ -123,7 +123,7 @@ class Experiment:
         try:
             spawn(_rank_worker, n, self._backend(), args=(container, str(self.run_dir)))
         except RankFailure as e:  # a rank died: the summary says which and why, whatever rank 0 wrote last
-            mark_failed(self.run_dir, str(e))
+            mark_failed(self.run_dir, str(e), cause=True)
             raise
         return read_summary(self.run_dir) or {}
 

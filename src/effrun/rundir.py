@@ -75,13 +75,15 @@ def read_summary(run_dir: Path) -> Optional[dict]:
     return s if isinstance(s, dict) else None
 
 
-def mark_failed(run_dir: Path, error: str) -> Optional[dict]:
+def mark_failed(run_dir: Path, error: str, cause: bool = False) -> Optional[dict]:
     """Mark a run `failed` with `error` (e.g. "rank 1 of 2 was killed by SIGKILL") unless it already
-    finished; called by whoever outlives a dead process (the launcher's parent). Returns the summary."""
+    finished; called by whoever outlives a dead process (the launcher's parent). `cause`: `error` is
+    the root cause (the first rank to die), which replaces what a surviving rank wrote about its
+    consequence (a peer's broken connection). Returns the summary."""
     s = read_summary(run_dir)
     if s is None:
         s = {}
-    if s.get("status") in ("completed", "failed"):
+    if s.get("status") == "completed" or (s.get("status") == "failed" and not cause):
         return s
     s.update(status="failed", error=" ".join(str(error).split()),
              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -100,7 +100,7 @@ def test_requeued_job_resumes_with_same_run_id_and_loss_sequence(sweep):
     # both incarnations logged to the same wandb run (offline: one run dir each, same id)
     wb = sorted(p.name for p in (sdir / "1" / "wandb").glob("offline-run-*"))
     assert len(wb) == 2 and all(n.endswith("-" + s1["run_id"]) for n in wb), wb
-    assert (sdir / "1" / "checkpoints" / "step_2.pt").exists()
+    assert (sdir / "1" / "checkpoints" / "step_2" / "complete").exists()
     # the interrupted run ends with exactly the loss sequence of the uninterrupted one
     assert _losses(sdir / "1") == _losses(sdir / "0")
     assert "measured/resumed_from_step" not in s0
