@@ -11,9 +11,11 @@ Protocol (per mode, eager and/or compile, in ONE invocation):
     compiles and the next ones still settle) and times at least 5 steps (--steps);
   * a configuration's time is the MEDIAN of its timed steps pooled over the reps, with the
     relative inter-quartile range (IQR / median) as its spread;
-  * a ratio A/B is the ratio of the medians; its spread is the range (max - min) of the per-rep
-    ratios (A and B of the same rep ran back to back). A ratio whose spread exceeds the difference
-    it claims (|1 - ratio|) is REFUSED: printed as "refused" with its numbers, never as a ratio.
+  * a ratio A/B is the median of the per-rep ratios (A and B of the same rep ran back to back);
+    its spread is their range (max - min). (Not the ratio of the pooled medians: with the load
+    changing between reps that can lie outside every per-rep ratio.) A ratio whose spread, or the
+    relative IQR of the timed steps of A or B inside any one run, exceeds the difference it claims
+    (|1 - ratio|) is REFUSED: printed as "refused" with its numbers, never as a ratio.
   * every PaCA/LoRA time ratio is printed beside the floor, PaCA r=1 / LoRA ("paca1"): the time of
     back-propagating through the frozen network with (almost) nothing trained, so a reader sees
     how much of PaCA's time is PaCA's own.
@@ -70,22 +72,39 @@ def time_stats(per_rep: List[List[float]]) -> dict:
     medians."""
     pooled = [t for rep in per_rep for t in rep]
     q1, med, q3 = quartiles(pooled)
+    rep_iqr = []
+    for r in per_rep:
+        a, m, b = quartiles(r)
+        rep_iqr.append((b - a) / m if m else None)
     return {"median_s": med, "iqr_rel": (q3 - q1) / med if med else None, "min_s": min(pooled),
-            "max_s": max(pooled), "n": len(pooled), "rep_medians_s": [statistics.median(r) for r in per_rep]}
+            "max_s": max(pooled), "n": len(pooled), "rep_medians_s": [statistics.median(r) for r in per_rep],
+            "rep_iqr_rel": rep_iqr}
 
 
 def ratio_verdict(a: dict, b: dict) -> dict:
-    """A/B of two time_stats: the ratio of the pooled medians; spread = range of the per-rep ratios;
-    refused when the spread exceeds the difference the ratio claims, or with fewer than 2 reps."""
-    r = a["median_s"] / b["median_s"]
+    """A/B of two time_stats: the MEDIAN OF THE PER-REP RATIOS (A and B of one rep ran back to back,
+    under about the same load); spread = range of the per-rep ratios; refused when the spread exceeds
+    the difference the ratio claims, or with fewer than 2 reps.
+
+    Not the ratio of the pooled medians: when the load changes between reps (rep 1 slow for every
+    configuration, rep 2 fast) each pooled median falls wherever its own mix of slow and fast steps
+    puts it, and their ratio can lie outside every per-rep ratio (measured 2026-12-01: PaCA / PaCA r=1
+    compiled, per-rep 0.94 and 1.02, ratio of pooled medians 2.14 with spread 0.09, accepted)."""
     per = [x / y for x, y in zip(a["rep_medians_s"], b["rep_medians_s"])]
+    r = statistics.median(per)
     spread = (max(per) - min(per)) if len(per) >= 2 else None
     diff = abs(1.0 - r)
-    out = {"ratio": r, "spread": spread, "difference": diff, "per_rep": per}
+    out = {"ratio": r, "spread": spread, "difference": diff, "per_rep": per,
+           "pooled_ratio": a["median_s"] / b["median_s"]}
+    # the noise inside the runs: the largest relative IQR of the timed steps of A or B in any one rep
+    noise = max((x for x in (*a.get("rep_iqr_rel", []), *b.get("rep_iqr_rel", [])) if x is not None), default=0.0)
+    out["noise"] = noise
     if spread is None:
         out.update(refused=True, why="fewer than 2 reps: no spread to judge the ratio by")
     elif spread > diff:
         out.update(refused=True, why=f"spread {spread:.3f} > difference {diff:.3f}")
+    elif noise > diff:
+        out.update(refused=True, why=f"step-time IQR/median {noise:.3f} inside one run > difference {diff:.3f}")
     else:
         out["refused"] = False
     return out
@@ -184,6 +203,72 @@ def nf4_backends(reps: int, threads: int) -> dict:
     return out
 
 
+def analyze(results: dict) -> None:
+    """Per-configuration time statistics and the ratios of every PAIR, from results["runs"] (the
+    bench's own JSON: recomputed by --analyze with the current rules)."""
+    runs, modes = results["runs"], [m for m in results["config"]["modes"].split(",") if m]
+    stats, ratios = {}, {}
+    for name, rs in runs.items():
+        per_rep = [r["timed"] for r in rs if r.get("timed")]
+        if per_rep:
+            stats[name] = time_stats(per_rep)
+    for mode in modes:
+        ratios[mode] = {}
+        for x, y in PAIRS:
+            A, B = f"{x}/{mode}", f"{y}/{mode}"
+            if A in stats and B in stats:
+                v = {"step_time": ratio_verdict(stats[A], stats[B])}
+                for k in ("peak_mem_mb", "saved_bytes", "loss", "eval_loss", "flops_per_token"):
+                    p, q = median_of(runs[A], f"measured/{k}"), median_of(runs[B], f"measured/{k}")
+                    v[k] = None if p is None or not q else p / q
+                ratios[mode][f"{x}/{y}"] = v
+    if "max_seq_len" in results.get("ratios", {}):
+        ratios["max_seq_len"] = results["ratios"]["max_seq_len"]
+    results["stats"], results["ratios"] = stats, ratios
+
+
+def print_report(results: dict) -> None:
+    cfg, runs, stats, ratios = results["config"], results["runs"], results["stats"], results["ratios"]
+    modes = [m for m in cfg["modes"].split(",") if m]
+    fmt = lambda x, f: "-" if x is None else format(x, f)
+    print(f"\n| run | step s (median) | IQR/median | per-rep medians | tokens/s | peak MB | saved MB | "
+          f"trainable | loss | eval loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        st = stats.get(name, {})
+        tps = None if not st else cfg["batch"] * cfg["seq"] / st["median_s"]
+        saved = median_of(rs, "measured/saved_bytes")
+        print(f"| {name} | {fmt(st.get('median_s'), '.3f')} | {fmt(st.get('iqr_rel'), '.3f')} | "
+              f"{' '.join(format(x, '.2f') for x in st.get('rep_medians_s', []))} | {fmt(tps, '.1f')} | "
+              f"{fmt(median_of(rs, 'measured/peak_mem_mb'), '.0f')} | {fmt(None if saved is None else saved / 2**20, '.1f')} | "
+              f"{fmt(median_of(rs, 'measured/params_trainable'), '.0f')} | {fmt(median_of(rs, 'measured/loss'), '.4f')} | "
+              f"{fmt(median_of(rs, 'measured/eval_loss'), '.4f')} |")
+    print("\n| run | per rep: median s (IQR/median, 1-min load at its end) |\n|---|---|")
+    for name, rs in runs.items():
+        cells = []
+        for r in rs:
+            if r.get("timed"):
+                q1, m, q3 = quartiles(r["timed"])
+                load = r.get("loadavg") or [None]
+                cells.append(f"{m:.2f} ({(q3 - q1) / m:.3f}, {fmt(load[0], '.1f')})")
+        print(f"| {name} | {'; '.join(cells) or '-'} |")
+    for mode in modes:
+        rm = ratios.get(mode, {})
+        if not rm:
+            continue
+        print(f"\n{mode}: ratios (time = median of the per-rep ratios; refused when their spread or a run's IQR/median exceeds |1 - ratio|)")
+        for pair, v in rm.items():
+            line = f"  {pair:12s} step time {fmt_ratio(v['step_time'])}"
+            line += "".join(f"; {k} {v[k]:.3f}" for k in ("peak_mem_mb", "saved_bytes", "loss") if v.get(k) is not None)
+            print(line)
+            if pair == "paca/lora" and "paca1/lora" in rm:
+                print(f"  {'  floor':12s} PaCA r=1 / LoRA {fmt_ratio(rm['paca1/lora']['step_time'])} "
+                      "(back-propagating through the frozen network, nothing of PaCA's own)")
+    if "maxseq" in results:
+        print("max seq len:", json.dumps(results["maxseq"], indent=1))
+    print(f"load average start {results.get('loadavg_start')} end {results.get('loadavg_end')} (shared machine)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -211,8 +296,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the NF4 micro-benchmark")
     ap.add_argument("--timeout", type=int, default=7200)
     ap.add_argument("--out", default=None, help="write the results as JSON here (after every run)")
+    ap.add_argument("--analyze", default=None, metavar="JSON",
+                    help="run nothing: recompute and print the tables of an earlier --out JSON (a killed run too)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     a = ap.parse_args(argv)
+    if a.analyze:
+        try:
+            results = json.loads(Path(a.analyze).read_text())
+            results["runs"], results["config"]["modes"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --analyze: {a.analyze} is not a readable bench_paca JSON ({type(e).__name__})", file=sys.stderr)
+            return 2
+        analyze(results)
+        print_report(results)
+        if a.out:
+            Path(a.out).write_text(json.dumps(results, indent=1))
+        return 0
     if a.steps < MIN_STEPS:
         print(f"error: --steps must be >= {MIN_STEPS} (got {a.steps})", file=sys.stderr)
         return 2
@@ -270,22 +369,7 @@ def main(argv=None) -> int:
                       f"; peak {s.get('measured/peak_mem_mb')} MB", file=sys.stderr, flush=True)
                 save()
 
-    stats, ratios = {}, {}
-    for name, rs in runs.items():
-        per_rep = [r["timed"] for r in rs if r.get("timed")]
-        if per_rep:
-            stats[name] = time_stats(per_rep)
-    for mode in modes:
-        ratios[mode] = {}
-        for x, y in PAIRS:
-            A, B = f"{x}/{mode}", f"{y}/{mode}"
-            if A in stats and B in stats:
-                v = {"step_time": ratio_verdict(stats[A], stats[B])}
-                for k in ("peak_mem_mb", "saved_bytes", "loss", "eval_loss", "flops_per_token"):
-                    p, q = median_of(runs[A], f"measured/{k}"), median_of(runs[B], f"measured/{k}")
-                    v[k] = None if p is None or not q else p / q
-                ratios[mode][f"{x}/{y}"] = v
-    results["stats"], results["ratios"] = stats, ratios
+    analyze(results)
 
     if a.maxseq and "paca" in techs and "lora" in techs:
         budget = a.maxseq_budget_gb
@@ -307,34 +391,7 @@ def main(argv=None) -> int:
     results["loadavg_end"] = os.getloadavg()
     save()
 
-    fmt = lambda x, f: "-" if x is None else format(x, f)
-    print(f"\n| run | step s (median) | IQR/median | per-rep medians | tokens/s | peak MB | saved MB | "
-          f"trainable | loss | eval loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, rs in runs.items():
-        st = stats.get(name, {})
-        tps = None if not st else a.batch * a.seq / st["median_s"]
-        saved = median_of(rs, "measured/saved_bytes")
-        print(f"| {name} | {fmt(st.get('median_s'), '.3f')} | {fmt(st.get('iqr_rel'), '.3f')} | "
-              f"{' '.join(format(x, '.2f') for x in st.get('rep_medians_s', []))} | {fmt(tps, '.1f')} | "
-              f"{fmt(median_of(rs, 'measured/peak_mem_mb'), '.0f')} | {fmt(None if saved is None else saved / 2**20, '.1f')} | "
-              f"{fmt(median_of(rs, 'measured/params_trainable'), '.0f')} | {fmt(median_of(rs, 'measured/loss'), '.4f')} | "
-              f"{fmt(median_of(rs, 'measured/eval_loss'), '.4f')} |")
-    for mode in modes:
-        rm = ratios.get(mode, {})
-        if not rm:
-            continue
-        print(f"\n{mode}: ratios (time = ratio of medians; refused when the spread exceeds |1 - ratio|)")
-        for pair, v in rm.items():
-            line = f"  {pair:12s} step time {fmt_ratio(v['step_time'])}"
-            line += "".join(f"; {k} {v[k]:.3f}" for k in ("peak_mem_mb", "saved_bytes", "loss") if v.get(k) is not None)
-            print(line)
-            if pair == "paca/lora" and "paca1/lora" in rm:
-                print(f"  {'  floor':12s} PaCA r=1 / LoRA {fmt_ratio(rm['paca1/lora']['step_time'])} "
-                      "(back-propagating through the frozen network, nothing of PaCA's own)")
-    if "maxseq" in results:
-        print("max seq len:", json.dumps(results["maxseq"], indent=1))
-    print(f"load average start {results['loadavg_start']} end {results['loadavg_end']} (shared machine)")
+    print_report(results)
     return 0
 
 

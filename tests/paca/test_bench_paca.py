@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,56 @@ def test_a_ratio_is_refused_when_its_spread_exceeds_the_difference_it_claims():
     assert "refused" in bench.fmt_ratio(v)
 
 
-def test_a_steady_ratio_is_the_ratio_of_the_pooled_medians():
+def test_a_steady_ratio_is_the_median_of_the_per_rep_ratios():
     a = bench.time_stats([[8.0, 8.1, 7.9, 8.0, 8.2], [8.3, 8.2, 8.4, 8.3, 8.2]])
     b = bench.time_stats([[10.0, 10.1, 9.9, 10.0, 10.2], [10.3, 10.4, 10.2, 10.3, 10.4]])
     v = bench.ratio_verdict(a, b)
     assert not v["refused"]
-    assert v["ratio"] == pytest.approx(a["median_s"] / b["median_s"])
-    assert v["spread"] < v["difference"]
+    per = [np.median(x) / np.median(y) for x, y in ((a_, b_) for a_, b_ in zip(
+        [[8.0, 8.1, 7.9, 8.0, 8.2], [8.3, 8.2, 8.4, 8.3, 8.2]],
+        [[10.0, 10.1, 9.9, 10.0, 10.2], [10.3, 10.4, 10.2, 10.3, 10.4]]))]
+    assert v["ratio"] == pytest.approx(float(np.median(per)))
+    assert v["spread"] < v["difference"] and v["noise"] < v["difference"]
     assert bench.fmt_ratio(v).startswith(f"{v['ratio']:.3f}")
+
+
+def test_a_load_change_between_reps_does_not_make_a_ratio_out_of_pooled_medians():
+    # rep 1 quiet for both, rep 2 loaded for B only, rep 3 loaded for both: A/B is 1, 0.525, 1 per
+    # rep; the pooled medians (10.5 / 20) would claim 0.525, a ratio only one rep saw
+    a = bench.time_stats([[10.0] * 5, [10.5] * 5, [20.0] * 5])
+    b = bench.time_stats([[10.0] * 5, [20.0] * 5, [20.0] * 5])
+    v = bench.ratio_verdict(a, b)
+    assert v["pooled_ratio"] == pytest.approx(0.525)
+    assert v["ratio"] == pytest.approx(1.0)
+    assert min(v["per_rep"]) <= v["ratio"] <= max(v["per_rep"])
+    assert v["refused"] and "spread" in v["why"]
+
+
+def test_a_ratio_is_refused_when_the_steps_inside_a_run_scatter_more_than_it_claims():
+    steps = [7.0, 8.0, 9.0, 12.0, 14.0]                # IQR / median = (12 - 8) / 9 = 0.44
+    a = bench.time_stats([steps, steps])
+    b = bench.time_stats([[10.0] * 5, [10.0] * 5])
+    v = bench.ratio_verdict(a, b)
+    assert v["spread"] == 0 and v["ratio"] == pytest.approx(0.9)   # the reps agree ...
+    assert v["noise"] == pytest.approx(4 / 9)
+    assert v["refused"] and "inside one run" in v["why"]           # ... but each run scatters by 0.44
+
+
+def test_analyze_recomputes_the_ratios_of_a_saved_run(tmp_path, capsys):
+    runs = {"paca/eager": [{"timed": [8.0] * 5, "measured/peak_mem_mb": 90.0},
+                           {"timed": [8.2] * 5, "measured/peak_mem_mb": 90.0}],
+            "lora/eager": [{"timed": [10.0] * 5, "measured/peak_mem_mb": 100.0},
+                           {"timed": [10.0] * 5, "measured/peak_mem_mb": 100.0}]}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"config": {"modes": "eager", "batch": 4, "seq": 128}, "runs": runs}))
+    out = tmp_path / "o.json"
+    assert bench.main(["--analyze", str(f), "--out", str(out)]) == 0
+    v = json.loads(out.read_text())["ratios"]["eager"]["paca/lora"]
+    assert v["step_time"]["ratio"] == pytest.approx(0.81) and not v["step_time"]["refused"]
+    assert v["peak_mem_mb"] == pytest.approx(0.9)
+    assert "paca/lora    step time 0.810" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("[1]")
+    assert bench.main(["--analyze", str(tmp_path / "bad.json")]) == 2
 
 
 def test_one_rep_has_no_spread_and_gives_no_ratio():
