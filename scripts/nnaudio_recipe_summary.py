@@ -127,7 +127,7 @@ def plot(runs, path: Path) -> None:
     a1.set_ylabel("held-out accuracy (%), unseen voices")
     a1.set_title("accuracy per seed (line: mean)")
     a2.set_ylabel("seconds")
-    a2.set_title("wall time per epoch (median over seeds)")
+    a2.set_title("wall s per epoch in the recipe (runs in sequence:\nthe load differs between arms)", fontsize=9)
     if a2.get_legend_handles_labels()[0]:
         a2.legend(fontsize=8)
     fig.tight_layout()
