@@ -69,7 +69,7 @@ def _train(model, ds, steps, lr=3e-3, bs=8):
         opt.zero_grad()
         (total / n).backward()
         opt.step()
-        losses.append(float(total) / n)
+        losses.append(float(total.detach()) / n)
     return losses
 
 
