@@ -89,6 +89,8 @@ def test_draft_of_another_target_is_one_line(effrun, trained):
     ([], "technique.draft_path"),                                   # infer without a draft
     (["technique.draft_path=/nonexistent/dir"], "technique.draft_path"),
     (["technique.draft_path=random", "run.infer_batch_size=2"], "run.infer_batch_size"),
+    (["technique.draft_path=random", "technique.project_target_dtype=int4"], "technique.project_target_dtype"),
+    (["technique.draft_path=random", "technique.project_hardware=cpu"], "technique.project_hardware"),
 ])
 def test_bad_input_is_one_line_exit_2(effrun, tmp_path, args, key):
     r = effrun("infer", "+technique=dovetail", *TINY, *args, check=False)

@@ -28,6 +28,7 @@ from effrun.technique import TechniqueSpec
 FUSIONS = ("dgf", "fc")  # dgf: Dovetail's Dynamic Gating Fusion; fc: EAGLE-1's concat + linear
 DRAFT_DEVICES = ("auto", "cpu", "cuda")
 DRAFT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TARGET_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class DovetailConfig:
     project_model: str = "llama-7b"
     project_hardware: str = "rtx-a6000"
     project_draft_layers: int = 5
+    # the big target's weight dtype on the host CPU (the paper's CPU-only baseline, 2.12 tok/s for
+    # LLaMA2-7B, is about what 16-bit weights give at a desktop's bandwidth; fp32 halves it)
+    project_target_dtype: str = "float32"
 
 
 RANDOM_DRAFT = "random"  # technique.draft_path=random: an untrained head (smoke runs, tests)
@@ -85,6 +89,9 @@ def check(cfg, node) -> None:
     if int(node.project_draft_layers) < 1:
         raise UserError(f"project_draft_layers={node.project_draft_layers}: must be >= 1",
                         key="technique.project_draft_layers")
+    if node.project_target_dtype not in TARGET_DTYPES:
+        raise UserError(f"unknown project_target_dtype {node.project_target_dtype!r}",
+                        key="technique.project_target_dtype", choices=TARGET_DTYPES)
     _check_projection(node)
     mode = getattr(cfg, "mode", None)
     if mode == "infer":

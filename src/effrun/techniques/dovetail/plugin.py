@@ -169,7 +169,7 @@ class Dovetail(Technique):
         shape = cm.Shape.from_hf(mcfg["hf_config"])
         tau = meas["measured/acceptance_length"]
         p = cm.project(shape, host, gpu, link, tau, c.total_tokens, c.depth, c.top_k, c.project_draft_layers,
-                       c.fusion)
+                       c.fusion, target_dtype=c.project_target_dtype)
         pre = f"projected/{c.project_model}@{c.project_hardware}"
         out = {f"{pre}/{k}": float(p[k]) for k in
                ("cpu_only_tok_s", "dovetail_tok_s", "speedup_vs_cpu_only", "round_s", "verify_s", "draft_s",
