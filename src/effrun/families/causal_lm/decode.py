@@ -58,22 +58,26 @@ class GenerationSession(InferSession):
         return int(new.shape[1])
 
     def rounds(self) -> Iterator[Round]:
-        def prefill():
+        # a round's extra row values are filled by its own run(), before the loop logs the row
+        def prefill(rnd):
             new, self.state = self.strategy.prefill(self.model, self.input_ids)
+            self._extra(rnd)
             return self._keep(new)
 
-        def decode():
-            return self._keep(self.strategy.step(self.model, self.state))
+        def decode(rnd):
+            new = self.strategy.step(self.model, self.state)
+            self._extra(rnd)
+            return self._keep(new)
 
         with torch.no_grad():
-            rnd = Round("prefill", prefill, info={"tokens_in": int(self.input_ids.shape[1])})
+            rnd = Round("prefill", None, info={"tokens_in": int(self.input_ids.shape[1])})
+            rnd.run = lambda r=rnd: prefill(r)
             yield rnd
-            self._extra(rnd)
             while self.produced < self.max_new:
                 tokens_in = self.strategy.tokens_in(self.state) if hasattr(self.strategy, "tokens_in") else None
-                rnd = Round("decode", decode, info={"tokens_in": tokens_in})
+                rnd = Round("decode", None, info={"tokens_in": tokens_in})
+                rnd.run = lambda r=rnd: decode(r)
                 yield rnd
-                self._extra(rnd)
 
     def _extra(self, rnd: Round) -> None:
         if hasattr(self.strategy, "round_metrics"):
