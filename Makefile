@@ -34,8 +34,12 @@ tools: install
 demo: assets
 	$(EFFRUN) train +technique=paca model=smollm2-135m data=shakespeare data.seq_len=128 data.batch_size=4 run.max_steps=8 run.warmup_steps=2 run.eval_at_start=true
 
+# two phases: the tests on 2 workers (one file per worker at a time), then the `serial` ones alone
+# (tests/conftest.py says which and why); TEST_WORKERS=0 runs everything in one process
+TEST_WORKERS ?= 2
 test: assets tools
-	$(PY) -m pytest -q -x $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -x -m serial $(PYTEST_ARGS) tests
 
 test-fast: assets tools
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

@@ -64,3 +64,18 @@ def assets_ready() -> bool:
 def need_assets(assets_ready):
     if not assets_ready:
         pytest.skip("embedded assets not fetched (run `make assets`)")
+
+
+# `make test` runs the suite in two phases: everything not marked `serial` on 2 xdist workers (the
+# tests are mostly one single-threaded CLI process each), then the `serial` tests alone: the local
+# Slurm cluster's tests (one node, jobs of two workers would queue behind each other) and tests that
+# check nothing appeared in shared places (the repo top level, the home cache).
+SERIAL_DIRS = ("slurm",)
+SERIAL_FIXTURES = ("sandbox",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        if parts[0] in SERIAL_DIRS or any(f in getattr(item, "fixturenames", ()) for f in SERIAL_FIXTURES):
+            item.add_marker(pytest.mark.serial)
