@@ -106,8 +106,16 @@ def foreign_entries(d: Path) -> List[str]:
     for name in sorted(os.listdir(d)):
         if name in HYDRA_ENTRIES or name == LOCK_FILE or (name.endswith(".log") and (d / name).is_file()):
             continue  # Hydra's .hydra/ and <job>.log, written just before the run starts
+        if _in_flight(name):
+            continue  # another rank of this run is writing its run_id / summary, or probing the dir
         out.append(name)
     return out
+
+
+def _in_flight(name: str) -> bool:
+    """A temp file of effrun's own atomic write of run_id / summary.json, or a directory probe."""
+    return name.startswith(".effrun-probe-") or (
+        durable.TMP_RE.match(name) is not None and name.startswith(tuple(f".{f}." for f in (RUN_ID, SUMMARY))))
 
 
 def _nearest_existing(p: Path) -> Path:

@@ -59,6 +59,16 @@ def test_check_run_dir_accepts_new_hydra_and_effrun_dirs(tmp_path):
     (run / "run_id").write_text("abc\n")
     (run / "metrics.jsonl").write_text("")
     rundir.check_run_dir(run)
+    # Slurm tasks of one job share a run dir: while rank 0 writes run_id (a temp file, then a rename)
+    # or probes the dir, another rank's check sees the temp and must not call the dir foreign
+    racing = tmp_path / "racing"
+    racing.mkdir()
+    (racing / ".run_id.lk24g9ts.tmp").write_text("abc")
+    (racing / ".effrun-probe-x1y2").mkdir()
+    rundir.check_run_dir(racing)
+    (racing / ".other.lk24g9ts.tmp").write_text("")  # not one of effrun's own files
+    with pytest.raises(UserError, match=r"\.other\.lk24g9ts\.tmp"):
+        rundir.check_run_dir(racing)
 
 
 def test_open_run_locks_and_cleans_temps(tmp_path):
