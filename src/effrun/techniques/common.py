@@ -1,4 +1,5 @@
-"""Helpers several techniques share: resolving target linear modules by name suffix."""
+"""Helpers several techniques share: resolving target linear modules by name suffix, and turning a
+converted layer back into a plain frozen nn.Linear for export."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -36,3 +37,15 @@ def find_linears(model, targets: Sequence[str], key: str = "technique.target_mod
 
 def as_list(x) -> List[str]:
     return [str(v) for v in x]
+
+
+def plain_linear(weight, bias=None):
+    """A frozen nn.Linear holding `weight` (out x in) and `bias` as they are (no copy, no init):
+    what a converted layer (PaCA, QPaCA, QLoRA's NF4) becomes when it is merged for export."""
+    import torch.nn as nn
+
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return lin

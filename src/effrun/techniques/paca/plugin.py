@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from effrun.errors import UserError
 from effrun.technique import Technique
-from effrun.techniques.common import as_list, find_linears
+from effrun.techniques.common import as_list, find_linears, plain_linear
 from effrun.techniques.paca import ops
 
 
@@ -52,12 +52,7 @@ class PacaLinear(nn.Linear):
     def to_plain(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's (synced) weight and bias."""
         self.sync()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
-        lin.weight = nn.Parameter(self.weight.detach(), requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
-        return lin
+        return plain_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", paca_r={self.paca_idx.numel()}, scaling={self.paca_scaling}"
@@ -105,11 +100,7 @@ class QPacaLinear(nn.Module):
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n.startswith("q_"))
 
     def to_plain(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight = nn.Parameter(self.dequantized_weight().detach(), requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
-        return lin
+        return plain_linear(self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, quantize={self.qmode} "

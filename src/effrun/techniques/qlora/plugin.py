@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from effrun.techniques.common import as_list, find_linears
+from effrun.techniques.common import as_list, find_linears, plain_linear
 from effrun.techniques.lora.plugin import Lora
 from effrun.techniques.qlora import nf4
 
@@ -66,11 +66,7 @@ class NF4Linear(nn.Linear):
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def to_plain(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight = nn.Parameter(self.dequantized_weight().detach(), requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
-        return lin
+        return plain_linear(self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4={self.nf4_backend}"
