@@ -67,6 +67,9 @@ def parse(argv=None):
                          "over the n most frequent training tokens")
     ap.add_argument("--draft-device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the target's (and the HF assistant's / offload copy's) weight dtype; every method "
+                         "decodes the same target, so its greedy output is the reference for all rows")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--offload-budget", type=float, default=0.5,
                     help="accelerate 'device' budget as a fraction of the target's weight bytes (SmolLM2: "
@@ -126,7 +129,7 @@ def load_target(a):
 
     path = asset_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(str(path))
-    t = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    t = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, a.target_dtype)).eval()
     t.generation_config.eos_token_id = None  # fixed-length generations: every method makes the same count
     t.generation_config.pad_token_id = tok.pad_token_id
     return t, tok, path
@@ -191,7 +194,7 @@ def load_assistant(a, target):
     if not (p / "config.json").exists():
         print(f"[skip] hf-assisted: no assistant model at {p}", file=sys.stderr)
         return None, None
-    m = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(str(p), dtype=getattr(torch, a.target_dtype)).eval()
     m.generation_config.eos_token_id = None
     return m, str(p)
 
@@ -271,7 +274,7 @@ def build_offload(a, target_path, target):
 
         m = copy.deepcopy(target)
     else:
-        m = AutoModelForCausalLM.from_pretrained(str(target_path), dtype=torch.float32).eval()
+        m = AutoModelForCausalLM.from_pretrained(str(target_path), dtype=getattr(torch, a.target_dtype)).eval()
         m.generation_config.eos_token_id = None
     budget = int(a.offload_budget * nbytes(m))
     dmap = infer_auto_device_map(m, max_memory={"cpu": budget}, no_split_module_classes=["LlamaDecoderLayer"])
@@ -310,12 +313,14 @@ def projection(a, results, meas):
         return None
     tau = results[key]["acceptance_length"]
     out = {"hardware": a.hardware, "model": a.project_model, "tree": [n, d, k], "acceptance_from": key,
-           "main": cm.project(shape, host, gpu, link, tau, n, d, k, a.project_draft_layers)}
+           "main": cm.project(shape, host, gpu, link, tau, n, d, k, a.project_draft_layers,
+                              target_dtype=a.target_dtype)}
     if meas:
         # sensitivity: a host with this machine's measured FLOP/byte balance (bandwidth from the target)
         bal = meas["balance_flop_per_byte"]
         host2 = cm.Host(host.name + "@here-balance", host.mem_bw_GBps, host.mem_bw_GBps * bal)
-        out["here_balance"] = cm.project(shape, host2, gpu, link, tau, n, d, k, a.project_draft_layers)
+        out["here_balance"] = cm.project(shape, host2, gpu, link, tau, n, d, k, a.project_draft_layers,
+                                         target_dtype=a.target_dtype)
         out["here_balance"]["host_gflops"] = host2.gflops
     out["paper"] = {"dovetail_tok_s": 5.86, "speedup_vs_cpu_only": 2.77, "cpu_only_tok_s": round(5.86 / 2.77, 2),
                     "draft_vram_gb": 3, "setting": "LLaMA2-Chat-7B, HumanEval, draft on GPU (3 GB VRAM)"}
@@ -330,6 +335,24 @@ def _spread(xs):
     mid = len(ys) // 2
     med = ys[mid] if len(ys) % 2 else 0.5 * (ys[mid - 1] + ys[mid])
     return {"median": med, "min": ys[0], "max": ys[-1], "n": len(ys)}
+
+
+def divergence(target, ids, out, ref, prompt: int) -> dict:
+    """Where an output first differs from target-only, and the target's logit gap there between the
+    two tokens (one cache-free forward over the common prefix): a gap at the dtype's rounding level
+    is a numerical tie that the tree forward and the one-token forward broke differently."""
+    import torch
+
+    i = next(j for j, (x, y) in enumerate(zip(out, ref)) if x != y) if out[:len(ref)] != ref[:len(out)] \
+        else min(len(out), len(ref))
+    if i >= min(len(out), len(ref)):
+        return {"prompt": prompt, "token": i, "gap": None}
+    prefix = torch.cat([ids[0], torch.tensor(ref[:i], dtype=ids.dtype)])[None]
+    with torch.no_grad():
+        logits = target(input_ids=prefix).logits[0, -1].float()
+    top = logits.topk(2).values
+    return {"prompt": prompt, "token": i, "ref_token": int(ref[i]), "out_token": int(out[i]),
+            "gap": float(logits[ref[i]] - logits[out[i]]), "top2_gap": float(top[0] - top[1])}
 
 
 def calibrate(target, tree_tokens: int, reps: int = 3):
@@ -393,7 +416,8 @@ def main(argv=None):
         for name, run in runners.items():
             run(prompts[0][:, :32])
     acc = {name: {"time_s": 0.0, "rounds": 0, "new_tokens": 0, "draft_s": 0.0, "verify_s": 0.0, "exact": 0,
-                  "bytes_to_draft": 0, "bytes_to_target": 0, "per_prompt_s": []} for name in runners}
+                  "bytes_to_draft": 0, "bytes_to_target": 0, "per_prompt_s": [], "divergences": []}
+           for name in runners}
     mem = {}
     t_start = time.time()
     for i, ids in enumerate(prompts):
@@ -407,6 +431,8 @@ def main(argv=None):
             for k in ("time_s", "rounds", "new_tokens", "draft_s", "verify_s", "bytes_to_draft", "bytes_to_target"):
                 r[k] += st.get(k, 0) or 0
             r["exact"] += int(out == ref)
+            if out != ref:
+                r["divergences"].append(divergence(target, ids, out, ref, i))
             r["per_prompt_s"].append(st.get("time_s", 0.0))
             mem[name] = st.get("memory", {})
         el = time.time() - t_start
@@ -422,7 +448,8 @@ def main(argv=None):
                "draft_s_per_round": r["draft_s"] / r["rounds"] if r["rounds"] else None,
                "verify_s_per_round": r["verify_s"] / r["rounds"] if r["rounds"] else None,
                "draft_share": r["draft_s"] / max(1e-9, r["draft_s"] + r["verify_s"]),
-               "exact": f"{r['exact']}/{len(prompts)}", "memory": mem.get(name, {}),
+               "exact": f"{r['exact']}/{len(prompts)}", "divergences": r["divergences"],
+               "memory": mem.get(name, {}),
                # per-prompt speed-ups (target-only time / this method's time on the same prompt,
                # measured back to back): median and range show the spread a busy machine adds
                "speedup_per_prompt": _spread([b / t for b, t in zip(acc["target-only"]["per_prompt_s"],
@@ -443,7 +470,7 @@ def main(argv=None):
     if a.model != "tiny":
         small = cm.Shape.from_hf(target.config.to_dict())
         n1 = a.tree_list[0][0] + 1
-        meas = cm.here_balance(small, cal[1], cal[n1], n1, 4)
+        meas = cm.here_balance(small, cal[1], cal[n1], n1, cm.DTYPE_BYTES[a.target_dtype])
         meas.update({"t_one_token_s": cal[1], f"t_{n1}_tokens_s": cal[n1], "verify_over_one_token": cal[n1] / cal[1]})
     proj = projection(a, results, meas)
     for dec in decoders.values():
@@ -452,7 +479,7 @@ def main(argv=None):
               "setup": {"model": a.model, "prompts": len(prompts), "prompt_tokens": a.prompt_tokens,
                         "max_new_tokens": a.max_new_tokens, "trees": a.tree_list, "threads": torch.get_num_threads(),
                         "draft_device": a.draft_device, "draft_dtype": a.draft_dtype,
-                        "assistant": asst_desc, "load_avg_1min_start": load, "load_avg_1min_end": os.getloadavg()[0],
+                        "target_dtype": a.target_dtype, "assistant": asst_desc, "load_avg_1min_start": load, "load_avg_1min_end": os.getloadavg()[0],
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0)
                         if torch.cuda.is_available() else None}}
@@ -466,7 +493,8 @@ def print_report(rep):
     s = rep["setup"]
     print(f"\nDovetail bench: {s['model']}, {s['prompts']} held-out prompts x {s['prompt_tokens']} tokens, "
           f"{s['max_new_tokens']} new tokens, greedy, {s['threads']} threads, load {s['load_avg_1min_start']:.1f}"
-          f"->{s['load_avg_1min_end']:.1f}, draft on {s['draft_device']}/{s['draft_dtype']}")
+          f"->{s['load_avg_1min_end']:.1f}, target {s.get('target_dtype', 'float32')}, "
+          f"draft on {s['draft_device']}/{s['draft_dtype']}")
     print(f"{'method':<28}{'tok/s':>8}{'speed-up':>10}{'per-prompt med [min-max]':>26}{'accept':>8}"
           f"{'draft ms':>10}{'verify ms':>11}{'draft %':>9}{'exact':>7}")
     for name, r in rep["measured"].items():
@@ -477,6 +505,12 @@ def print_report(rep):
               f"{f(r['draft_s_per_round'] and r['draft_s_per_round'] * 1e3, '%10.1f')}"
               f"{f(r['verify_s_per_round'] and r['verify_s_per_round'] * 1e3, '%11.1f')}"
               f"{100 * r['draft_share']:8.0f}%{r['exact']:>7}")
+    for name, r in rep["measured"].items():
+        for d in r.get("divergences") or []:
+            gap = "" if d.get("gap") is None else (f": target logit of its token {d['ref_token']} minus the "
+                                                   f"emitted {d['out_token']} = {d['gap']:.4f} (its top-2 gap "
+                                                   f"{d['top2_gap']:.4f})")
+            print(f"  not exact: {name}, prompt {d['prompt'] + 1}, first differs at new token {d['token']}{gap}")
     print("memory per side (bytes):")
     for name, r in rep["measured"].items():
         if r["memory"]:
@@ -490,7 +524,8 @@ def print_report(rep):
     p = rep["projected"]
     if p:
         m = p["main"]
-        print(f"projected/ {p['model']} target (fp32) on the {p['hardware']} host CPU, draft "
+        tdt = m["inputs"].get("target_dtype", "float32")
+        print(f"projected/ {p['model']} target ({tdt}) on the {p['hardware']} host CPU, draft "
               f"({m['inputs']['draft_layers']} layers, fp16) on its GPU, tree {p['tree']}, acceptance "
               f"{m['acceptance_length']:.2f} (measured, {p['acceptance_from']}):")
         print(f"  cpu-only {m['cpu_only_tok_s']:.2f} tok/s | dovetail {m['dovetail_tok_s']:.2f} tok/s "

@@ -96,3 +96,54 @@ def test_bad_input_is_one_line_exit_2(effrun, tmp_path, args, key):
     r = effrun("infer", "+technique=dovetail", *TINY, *args, check=False)
     _one_line(r, key)
     assert not any(d.joinpath("metrics.jsonl").exists() for d in r.run_dirs())
+
+
+def _train(effrun, root, *extra, check=True):
+    return effrun("train", "+technique=dovetail", *TINY, "data=synthetic", "data.seq_len=32", "data.batch_size=2",
+                  "run.max_steps=1", "run.warmup_steps=0", "run.lr=1e-12", "run.threads=1", "run.eval_at_end=false",
+                  *extra, root=root, check=check)
+
+
+def test_init_path_starts_from_the_trained_draft(effrun, trained, tmp_path):
+    """technique.init_path: the run starts from the saved head, not a fresh one. With lr ~ 0 the
+    head it writes equals the one it read (a fresh run's does not), and its first-step loss is the
+    trained head's, below a fresh head's on the same batch."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = trained
+    src = run_dir / "dovetail_draft.safetensors"
+    warm = _train(effrun, tmp_path / "warm", "technique.draft_layers=2", f"technique.init_path={run_dir}")
+    fresh = _train(effrun, tmp_path / "fresh", "technique.draft_layers=2")
+    first = lambda r: [m for m in r.metrics() if "loss" in m][0]["loss"]  # noqa: E731
+    assert first(warm) < first(fresh)
+    out, new = (load_file(str(r.summary()["info/draft_path"])) for r in (warm, fresh))
+    floats = [k for k, v in load_file(str(src)).items() if v.is_floating_point() and k != "token_counts"]
+    assert floats
+    for k, v in load_file(str(src)).items():
+        if k in floats:
+            torch_allclose(out[k], v)
+    with pytest.raises(AssertionError):
+        torch_allclose(new[floats[0]], load_file(str(src))[floats[0]])
+
+
+def torch_allclose(a, b):
+    import torch
+
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["technique.draft_layers=1"], "2 layer(s)"),
+    (["technique.draft_layers=2", "technique.fusion=fc"], "dgf head"),
+])
+def test_init_path_of_another_shape_is_one_line(effrun, trained, tmp_path, extra, needle):
+    run_dir, _ = trained
+    r = _train(effrun, tmp_path, *extra, f"technique.init_path={run_dir}", check=False)
+    _one_line(r, "technique.init_path")
+    assert needle in r.stderr
+
+
+def test_init_path_missing_is_one_line_before_the_model_is_built(effrun, tmp_path):
+    r = _train(effrun, tmp_path, "technique.init_path=/nonexistent/draft", check=False)
+    _one_line(r, "technique.init_path")
+    assert not any(d.joinpath("metrics.jsonl").exists() for d in r.run_dirs())

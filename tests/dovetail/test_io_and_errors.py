@@ -184,3 +184,52 @@ def test_bench_tiny_runs_all_rows(tmp_path):
         assert rows[name]["exact"] == "1/1"
     assert rows["dovetail[6:3:2]"]["memory"]["draft_weight_bytes"] > 0
     assert rep["projected"]["main"]["cpu_only_tok_s"] > 0
+
+
+def test_a_draft_serves_its_target_in_bfloat16_too(tmp_path, target):
+    """`run.dtype=bfloat16` loads the same target rounded to bf16: its draft must load (the bf16
+    fingerprint), while a target with other weights is still refused in either dtype."""
+    import copy
+
+    p = save_draft(DraftHead.for_target(target, "dgf", 1), tmp_path / "d.safetensors", target_header(target))
+    load_draft(p, copy.deepcopy(target).to(torch.bfloat16))
+    other = tiny_target(seed=9).to(torch.bfloat16)
+    with pytest.raises(UserError) as e:
+        load_draft(p, other)
+    assert "weights fingerprint" in one_line(e.value, "technique.draft_path")
+
+
+def test_a_draft_written_before_the_bf16_fingerprint_still_loads_on_its_float32_target(tmp_path, target):
+    from safetensors.torch import load_file, save_file
+
+    p = save_draft(DraftHead.for_target(target, "fc", 1), tmp_path / "d.safetensors", target_header(target))
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        hdr = json.loads(f.metadata()["dovetail"])
+    del hdr["target"]["fingerprint_bf16"]  # what older files carry
+    save_file(load_file(str(p)), str(p), metadata={"dovetail": json.dumps(hdr)})
+    load_draft(p, target)
+    with pytest.raises(UserError):
+        load_draft(p, tiny_target(seed=9))
+
+
+def test_bench_divergence_names_the_first_differing_token_and_the_logit_gap(target):
+    """The bench's report for a non-exact row: the first index where the output leaves target-only,
+    and the target's logit gap there (ref token minus emitted token; >= 0 since ref is the argmax)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dovetail", ROOT / "scripts" / "bench_dovetail.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(0))  # no pad id (0) in the prompt
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)[0, 6:].tolist()
+    with torch.no_grad():
+        logits = target(input_ids=torch.cat([ids[0], torch.tensor(ref[:3])])[None]).logits[0, -1]
+    second = int(logits.topk(2).indices[1])
+    out = ref[:3] + [second] + ref[4:]
+    d = bench.divergence(target, ids, out, ref, prompt=0)
+    assert d["token"] == 3 and d["ref_token"] == ref[3] and d["out_token"] == second
+    assert d["gap"] == pytest.approx(float(logits.topk(2).values[0] - logits.topk(2).values[1]), rel=1e-6)
+    assert d["gap"] == pytest.approx(d["top2_gap"]) and d["gap"] > 0
+    assert bench.divergence(target, ids, ref[:4], ref, prompt=0)["gap"] is None  # a prefix: no differing token

@@ -46,6 +46,10 @@ class DovetailConfig:
     # infer: the trained draft (safetensors written by train); train: where to save it
     # (null -> <run_dir>/dovetail_draft.safetensors)
     draft_path: Optional[str] = None
+    # train: start from this trained draft (a file or a train run's directory) instead of a fresh
+    # head -- continue training, or fine-tune a corpus-trained head on self-distilled data. Its
+    # fusion and layer count must equal `fusion` / `draft_layers`; null: a fresh head (init_seed)
+    init_path: Optional[str] = None
     # where the draft runs ("auto": cuda when present, else a CPU worker thread) and in what dtype
     # ("auto": float16 on cuda, bfloat16 on a CPU with native bf16, else float32)
     draft_device: str = "auto"
@@ -94,6 +98,8 @@ def check(cfg, node) -> None:
                         key="technique.project_target_dtype", choices=TARGET_DTYPES)
     _check_projection(node)
     mode = getattr(cfg, "mode", None)
+    if mode == "train" and getattr(node, "init_path", None):
+        draft_file(node.init_path, key="technique.init_path")
     if mode == "infer":
         if not node.draft_path:
             raise UserError("infer needs a trained draft: a file or a train run's directory (train one with "
@@ -103,7 +109,7 @@ def check(cfg, node) -> None:
             draft_file(node.draft_path)
 
 
-def draft_file(path: str):
+def draft_file(path: str, key: str = "technique.draft_path"):
     """The draft checkpoint named by `path`: the file itself, or `<dir>/dovetail_draft.safetensors`
     when `path` is a train run's directory. One line when there is none."""
     from pathlib import Path
@@ -113,7 +119,7 @@ def draft_file(path: str):
         p = p / DRAFT_FILE
     if not p.is_file():
         raise UserError(f"no draft checkpoint at {p} (train one with `effrun train +technique=dovetail`, then "
-                        "pass the file or the run directory)", key="technique.draft_path")
+                        "pass the file or the run directory)", key=key)
     return p
 
 

@@ -130,8 +130,12 @@ def target_io(target):
 
 
 def target_header(target) -> dict:
-    """The target's identity: shapes and a fingerprint (sha256 over a strided sample of its embedding,
-    lm_head and first/last layer weights), so a draft is never used on another model silently."""
+    """The target's identity: shapes and fingerprints (sha256 over a strided sample of its embedding,
+    lm_head and first/last layer weights), so a draft is never used on another model silently.
+
+    `fingerprint_bf16` hashes the sample rounded to bfloat16, so one draft serves the same target
+    loaded in float32 or bfloat16 (`run.dtype`); `fingerprint` (the exact values) is what drafts
+    written before it carry, and is checked only when a file has no `fingerprint_bf16`."""
     c = target.config
     dec, head = target_io(target)
     emb = dec.get_input_embeddings().weight
@@ -140,15 +144,18 @@ def target_header(target) -> dict:
     for key in sorted(named):
         if key.startswith("layers.0.") or key.startswith(f"layers.{c.num_hidden_layers - 1}."):
             tensors.append(named[key])
-    h = hashlib.sha256()
+    exact, rounded = hashlib.sha256(), hashlib.sha256()
     for t in tensors:
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        h.update(flat[::step][:4096].to(torch.float32).cpu().numpy().tobytes())
-        h.update(str(tuple(t.shape)).encode())
+        sample = flat[::step][:4096].cpu()
+        exact.update(sample.to(torch.float32).numpy().tobytes())
+        rounded.update(sample.to(torch.bfloat16).to(torch.float32).numpy().tobytes())
+        for h in (exact, rounded):
+            h.update(str(tuple(t.shape)).encode())
     return {"model_type": str(getattr(c, "model_type", "?")), "hidden_size": int(c.hidden_size),
             "vocab_size": int(emb.shape[0]), "num_hidden_layers": int(c.num_hidden_layers),
-            "fingerprint": h.hexdigest()[:32]}
+            "fingerprint": exact.hexdigest()[:32], "fingerprint_bf16": rounded.hexdigest()[:32]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,46 +285,47 @@ def save_draft(draft: DraftHead, path, target_hdr: dict, extra: Optional[dict] =
     return path
 
 
-def read_header(path) -> dict:
+def read_header(path, key: str = "technique.draft_path") -> dict:
     from safetensors import safe_open
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"no draft checkpoint at {p} (train one with `effrun train +technique=dovetail`)",
-                        key="technique.draft_path")
+                        key=key)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # not a safetensors file
         raise UserError(f"{p} is not a Dovetail draft checkpoint ({type(e).__name__})",
-                        key="technique.draft_path") from e
+                        key=key) from e
     if "dovetail" not in meta:
-        raise UserError(f"{p} has no Dovetail header", key="technique.draft_path")
+        raise UserError(f"{p} has no Dovetail header", key=key)
     hdr = json.loads(meta["dovetail"])
     if hdr.get("format") != FORMAT:
-        raise UserError(f"{p}: format {hdr.get('format')!r}, expected {FORMAT!r}", key="technique.draft_path")
+        raise UserError(f"{p}: format {hdr.get('format')!r}, expected {FORMAT!r}", key=key)
     return hdr
 
 
-def check_target(hdr: dict, target, path="draft") -> None:
+def check_target(hdr: dict, target, path="draft", key: str = "technique.draft_path") -> None:
     """One line when the draft was trained for another target."""
     want = hdr["target"]
     have = target_header(target)
     for k, what in (("hidden_size", "hidden size"), ("vocab_size", "vocab"), ("num_hidden_layers", "layers")):
         if int(want[k]) != int(have[k]):
             raise UserError(f"draft {path} was trained for a target with {what} {want[k]}, this target has "
-                            f"{have[k]}", key="technique.draft_path")
-    if want["fingerprint"] != have["fingerprint"]:
+                            f"{have[k]}", key=key)
+    fp = "fingerprint_bf16" if "fingerprint_bf16" in want else "fingerprint"
+    if want[fp] != have[fp]:
         raise UserError(f"draft {path} was trained for another {want['model_type']} target (weights fingerprint "
-                        f"{want['fingerprint'][:8]} != {have['fingerprint'][:8]})", key="technique.draft_path")
+                        f"{want[fp][:8]} != {have[fp][:8]})", key=key)
 
 
-def load_draft(path, target) -> DraftHead:
+def load_draft(path, target, key: str = "technique.draft_path") -> DraftHead:
     """The draft at `path`, checked against `target`, sharing the target's embedding and lm_head."""
     from safetensors.torch import load_file
 
-    hdr = read_header(path)
-    check_target(hdr, target, path)
+    hdr = read_header(path, key)
+    check_target(hdr, target, path, key)
     spec = DraftSpec(**hdr["draft"])
     dec, head = target_io(target)
     draft = DraftHead(spec, dec.get_input_embeddings().weight, head.weight, getattr(head, "bias", None))
@@ -326,7 +334,7 @@ def load_draft(path, target) -> DraftHead:
     missing = [k for k in missing if k != "token_counts"]  # drafts saved before counts were recorded
     if missing or unexpected:
         raise UserError(f"draft {path} does not match its own header (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]})", key="technique.draft_path")
+                        f"{unexpected[:3]})", key=key)
     return draft.to(dtype=dec.get_input_embeddings().weight.dtype)
 
 

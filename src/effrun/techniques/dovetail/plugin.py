@@ -85,7 +85,7 @@ class Dovetail(Technique):
         if self.ctx.mode == "train":
             from effrun.techniques.dovetail.train import DovetailTrainModule
 
-            self.draft = DraftHead.for_target(model, self.cfg.fusion, self.cfg.draft_layers, self.cfg.init_seed)
+            self.draft = self._initial_draft(model)
             self.train_module = DovetailTrainModule(model, self.draft)
             return self.train_module
         if self.cfg.draft_path == RANDOM_DRAFT:
@@ -93,6 +93,21 @@ class Dovetail(Technique):
         else:
             self.draft = load_draft(draft_file(self.cfg.draft_path), model)
         return model
+
+    def _initial_draft(self, model):
+        """A fresh head, or the trained one `init_path` names (checked against this target and config)."""
+        from effrun.techniques.dovetail.draft import DraftHead, load_draft
+
+        c = self.cfg
+        if not c.init_path:
+            return DraftHead.for_target(model, c.fusion, c.draft_layers, c.init_seed)
+        key = "technique.init_path"
+        draft = load_draft(draft_file(c.init_path, key=key), model, key)
+        if (draft.spec.fusion, draft.spec.layers) != (c.fusion, int(c.draft_layers)):
+            raise UserError(f"init_path holds a {draft.spec.fusion} head with {draft.spec.layers} layer(s), the run "
+                            f"asks for fusion={c.fusion} draft_layers={c.draft_layers}", key="technique.init_path",
+                            choices=[f"fusion={draft.spec.fusion} draft_layers={draft.spec.layers}"])
+        return draft.train()
 
     def trainable_parameters(self, model):
         return [p for p in self.draft.parameters() if p.requires_grad]
