@@ -50,6 +50,8 @@ def test_rows_are_the_targets_greedy_continuations_of_training_prompts(need_asse
 @pytest.mark.parametrize("args,key", [
     (["--prompts", "0"], "--prompts"),
     (["--new-tokens", "0"], "--new-tokens"),
+    (["--dtype", "int4"], "--dtype"),          # argparse's own errors are one line too
+    (["--batch", "two"], "--batch"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, args, key):
     r = _run("--out", str(tmp_path / "d.jsonl"), *args)

@@ -162,6 +162,7 @@ BENCH = [sys.executable, str(ROOT / "scripts" / "bench_dovetail.py")]
     (["--trees", "0:1:1"], "technique.total_tokens"),
     (["--trees", "8:9:2"], "technique.depth"),
     (["--methods", "target-only,magic"], "--methods"),
+    (["--target-dtype", "int4"], "--target-dtype"),   # argparse's own errors are one line too
 ])
 def test_bench_bad_input_exit_2(args, needle):
     r = subprocess.run(BENCH + args, capture_output=True, text=True, timeout=120)
