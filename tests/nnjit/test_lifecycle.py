@@ -80,8 +80,8 @@ OWNER = """
 import sys, time
 from effrun.techniques.nnjit.harness import BrowserSession
 s = BrowserSession().start()
-print(s.browser.proc.pid, s.browser.root, flush=True)
-try:
+try:    # announce inside the try: a SIGINT that arrives during the print must still reach stop()
+    print(s.browser.proc.pid, s.browser.root, flush=True)
     time.sleep(120)
 finally:
     s.stop()
