@@ -147,3 +147,35 @@ def test_init_path_missing_is_one_line_before_the_model_is_built(effrun, tmp_pat
     r = _train(effrun, tmp_path, "technique.init_path=/nonexistent/draft", check=False)
     _one_line(r, "technique.init_path")
     assert not any(d.joinpath("metrics.jsonl").exists() for d in r.run_dirs())
+
+
+def test_bf16_target_trains_a_float32_head_that_serves_both_dtypes(effrun, trained, tmp_path):
+    """run.dtype=bfloat16 in train: the frozen target computes its features in bf16 (as infer with
+    run.dtype=bfloat16 sees them) while the head keeps float32 master weights. A bf16 head would
+    lose updates far below one bf16 step and save bf16-representable values; this one does neither.
+    The head it writes serves the target in both dtypes, token-identical to the fp32 target alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir, _ = trained
+    src = load_file(str(run_dir / "dovetail_draft.safetensors"))
+    r = _train(effrun, tmp_path / "bf16", "technique.draft_layers=2", f"technique.init_path={run_dir}",
+               "run.dtype=bfloat16", "run.lr=1e-5")
+    out = load_file(str(r.summary()["info/draft_path"]))
+    moved = below_bf16_step = off_bf16_grid = 0
+    for k, v in out.items():
+        if k == "token_counts" or not v.is_floating_point():
+            continue
+        d = (v - src[k]).abs()
+        moved += int((d > 0).sum())
+        below_bf16_step += int(((d > 0) & (d < src[k].abs() * 2.0 ** -9)).sum())
+        off_bf16_grid += int((v != v.to(torch.bfloat16).float()).sum())
+    assert moved > 1000 and below_bf16_step > 0.5 * moved and off_bf16_grid > 0.5 * moved
+    ref = effrun("infer", *INFER, root=tmp_path / "ref").summary()["info/generated_ids"]
+    path = r.summary()["info/draft_path"]
+    for dtype in ("float32", "bfloat16"):
+        s = effrun("infer", "+technique=dovetail", *INFER, *TREE, f"technique.draft_path={path}",
+                   f"run.dtype={dtype}", root=tmp_path / dtype).summary()
+        assert s["measured/verify_rounds"] > 0
+        if dtype == "float32":
+            assert s["info/generated_ids"] == ref

@@ -228,14 +228,16 @@ class DraftHead(nn.Module):
         return rows if self.vocab_map is None else self.vocab_map[rows]
 
     @classmethod
-    def for_target(cls, target, fusion: str = "dgf", layers: int = 1, seed: int = 0) -> "DraftHead":
+    def for_target(cls, target, fusion: str = "dgf", layers: int = 1, seed: int = 0,
+                   dtype: Optional[torch.dtype] = None) -> "DraftHead":
+        """A fresh head in `dtype` (default: the target's)."""
         _, head = target_io(target)
         emb = target_io(target)[0].get_input_embeddings().weight
         spec = DraftSpec.from_target(target, fusion, layers)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             draft = cls(spec, emb, head.weight, getattr(head, "bias", None))
-        return draft.to(dtype=emb.dtype)
+        return _in_dtype(draft, dtype or emb.dtype)
 
     def fix_rope(self) -> "DraftHead":
         """Keep RoPE's inverse frequencies in float32 after a cast to bf16/fp16 (Module.to casts
@@ -320,8 +322,19 @@ def check_target(hdr: dict, target, path="draft", key: str = "technique.draft_pa
                         f"{want[fp][:8]} != {have[fp][:8]})", key=key)
 
 
-def load_draft(path, target, key: str = "technique.draft_path") -> DraftHead:
-    """The draft at `path`, checked against `target`, sharing the target's embedding and lm_head."""
+def _in_dtype(draft: DraftHead, dtype: torch.dtype) -> DraftHead:
+    """The head cast to `dtype`; the token counts stay float32 (bf16 would round them) and RoPE's
+    frequencies too. A float32 head on a bf16 target holds float32 copies of the shared embedding and
+    lm_head (training keeps float32 master weights while the frozen target runs in bf16)."""
+    counts = draft.token_counts
+    draft = draft.to(dtype=dtype)
+    draft.token_counts = counts
+    return draft.fix_rope() if dtype in (torch.bfloat16, torch.float16) else draft
+
+
+def load_draft(path, target, key: str = "technique.draft_path", dtype: Optional[torch.dtype] = None) -> DraftHead:
+    """The draft at `path`, checked against `target`, sharing the target's embedding and lm_head;
+    in `dtype` (default: the target's)."""
     from safetensors.torch import load_file
 
     hdr = read_header(path, key)
@@ -335,7 +348,7 @@ def load_draft(path, target, key: str = "technique.draft_path") -> DraftHead:
     if missing or unexpected:
         raise UserError(f"draft {path} does not match its own header (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})", key=key)
-    return draft.to(dtype=dec.get_input_embeddings().weight.dtype)
+    return _in_dtype(draft, dtype or dec.get_input_embeddings().weight.dtype)
 
 
 def draft_copy(draft: DraftHead, device, dtype, vocab: int = 0) -> DraftHead:

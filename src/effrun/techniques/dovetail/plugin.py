@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
+
 from effrun.errors import UserError
 from effrun.technique import Technique
 from effrun.techniques.dovetail import DRAFT_FILE, RANDOM_DRAFT, draft_file, validate_fields
@@ -99,10 +101,13 @@ class Dovetail(Technique):
         from effrun.techniques.dovetail.draft import DraftHead, load_draft
 
         c = self.cfg
+        # float32 master weights whatever run.dtype is: a bf16 target (run.dtype=bfloat16, what infer
+        # decodes with) computes the features faster and exactly as infer sees them, while the head's
+        # AdamW updates stay in float32
         if not c.init_path:
-            return DraftHead.for_target(model, c.fusion, c.draft_layers, c.init_seed)
+            return DraftHead.for_target(model, c.fusion, c.draft_layers, c.init_seed, dtype=torch.float32)
         key = "technique.init_path"
-        draft = load_draft(draft_file(c.init_path, key=key), model, key)
+        draft = load_draft(draft_file(c.init_path, key=key), model, key, dtype=torch.float32)
         if (draft.spec.fusion, draft.spec.layers) != (c.fusion, int(c.draft_layers)):
             raise UserError(f"init_path holds a {draft.spec.fusion} head with {draft.spec.layers} layer(s), the run "
                             f"asks for fusion={c.fusion} draft_layers={c.draft_layers}", key="technique.init_path",

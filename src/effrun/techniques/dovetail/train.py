@@ -23,10 +23,12 @@ from effrun.techniques.dovetail.draft import DraftHead, target_io
 
 
 @torch.no_grad()
-def target_features(target, input_ids: torch.Tensor) -> torch.Tensor:
-    """Post-norm last-layer features [B,T,H] of the frozen target (no grad, no cache)."""
+def target_features(target, input_ids: torch.Tensor, dtype: torch.dtype = None) -> torch.Tensor:
+    """Post-norm last-layer features [B,T,H] of the frozen target (no grad, no cache), in the
+    target's dtype, or cast to `dtype` (the head's, when it trains in float32 on a bf16 target)."""
     dec, _ = target_io(target)
-    return dec(input_ids=input_ids, use_cache=False).last_hidden_state
+    feats = dec(input_ids=input_ids, use_cache=False).last_hidden_state
+    return feats if dtype is None else feats.to(dtype)
 
 
 def target_next_probs(draft: DraftHead, feats: torch.Tensor, ce_mask: torch.Tensor = None) -> torch.Tensor:
@@ -122,7 +124,7 @@ class DovetailTrainModule(nn.Module):
         ids = self_distill(self.target, batch["input_ids"], self_distill_tokens)
         if self.training:
             self.draft.count_tokens(ids)
-        feats = target_features(self.target, ids)
+        feats = target_features(self.target, ids, self.draft.lm_head_weight.dtype)
         mask = None
         if ce_fraction < 1.0:
             valid = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
@@ -134,7 +136,7 @@ class DovetailTrainModule(nn.Module):
     def accuracy(self, batch: dict) -> Tuple[int, int]:
         """(draft top-1 == target top-1 at the next position, positions): one-step acceptance proxy."""
         ids = batch["input_ids"]
-        feats = target_features(self.target, ids)
+        feats = target_features(self.target, ids, self.draft.lm_head_weight.dtype)
         B, T = ids.shape
         pos = torch.arange(T - 1, device=ids.device)[None].expand(B, -1)
         pred = self.draft(feats[:, :-1], ids[:, 1:], pos)
