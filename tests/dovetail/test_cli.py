@@ -179,3 +179,18 @@ def test_bf16_target_trains_a_float32_head_that_serves_both_dtypes(effrun, train
         assert s["measured/verify_rounds"] > 0
         if dtype == "float32":
             assert s["info/generated_ids"] == ref
+
+
+def test_align_steps_through_the_train_loop_and_its_bad_values(effrun, tmp_path):
+    """technique.align_steps=3 trains through the one train loop (its loss adds steps 2 and 3, so it
+    exceeds the one-step loss of the same fresh head on the same batch); 0 or a negative weight is
+    one line, exit 2, nothing written."""
+    first = lambda r: [m for m in r.metrics() if "loss" in m][0]["loss"]  # noqa: E731
+    one = _train(effrun, tmp_path / "one")
+    three = _train(effrun, tmp_path / "three", "technique.align_steps=3", "technique.align_weight=0.5")
+    assert first(three) > first(one) > 0
+    for bad, key in (("technique.align_steps=0", "technique.align_steps"),
+                     ("technique.align_weight=-1", "technique.align_weight")):
+        r = _train(effrun, tmp_path / "bad", bad, check=False)
+        _one_line(r, key)
+        assert not any(d.joinpath("metrics.jsonl").exists() for d in r.run_dirs())

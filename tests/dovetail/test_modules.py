@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from effrun.techniques.dovetail.decoding import acceptance_length
 from effrun.techniques.dovetail.draft import ConcatFusion, DraftHead, DynamicGatingFusion
-from effrun.techniques.dovetail.train import DovetailTrainModule, eagle_loss, target_features
+from effrun.techniques.dovetail.train import (DovetailTrainModule, aligned_allowed, drafted_steps, eagle_loss,
+                                             target_features)
 
 
 def test_dgf_equals_formula():
@@ -69,6 +70,62 @@ def test_eagle_loss_equals_reference(target):
     pred2 = draft(target_features(target, ids2)[:, :-1], ids2[:, 1:], torch.arange(8)[None].expand(2, -1))
     torch.testing.assert_close(pred2[:, :5], pred[:, :5])
     assert not torch.allclose(pred2[:, 5:], pred[:, 5:])
+
+
+def test_aligned_steps_equal_drafting_on_own_features(target):
+    """align_steps: step s at position i equals the head run causally, without a cache, over the
+    true-feature prefix up to i-s+1 followed by its own step-1..s-1 guesses on the path, i.e. what
+    it computes at tree depth s. Brute force, float64."""
+    draft = DraftHead.for_target(target, "dgf", 2, seed=5).double()
+    B, T = 2, 10
+    ids = torch.randint(0, 64, (B, T + 1), generator=torch.Generator().manual_seed(4))
+    feats = target_features(target, ids)
+    src, nxt = feats[:, :-1], ids[:, 1:]
+    pos = torch.arange(T)[None].expand(B, -1)
+    preds = drafted_steps(draft, src, nxt, pos, 3)
+    assert [p.shape[1] for p in preds] == [T, T - 1, T - 2]
+    torch.testing.assert_close(preds[0], draft(src, nxt, pos), rtol=0, atol=1e-12)   # step 1: EAGLE's
+
+    def guess(step, i):   # the head's step-`step` prediction at position i, by brute force
+        if step == 1:
+            return draft(src[:, : i + 1], nxt[:, : i + 1], pos[:, : i + 1])[:, -1]
+        path = [guess(s, i - step + s) for s in range(1, step)]     # f-hat of positions i-step+2 .. i
+        f = torch.cat([src[:, : i - step + 2], torch.stack(path, 1)], 1)
+        return draft(f, nxt[:, : i + 1], pos[:, : i + 1])[:, -1]
+
+    for step in (2, 3):
+        for i in range(step - 1, T):
+            torch.testing.assert_close(preds[step - 1][:, i - step + 1], guess(step, i), rtol=0, atol=1e-10)
+    # the alignment is not a no-op: own guesses differ from the teacher-forced prediction
+    assert (preds[1] - preds[0][:, 1:]).abs().max() > 1e-3
+    # masks: step 1 is causal; step 2 sees the prefix strictly before i and itself
+    assert torch.equal(aligned_allowed(4, 1), torch.ones(4, 4, dtype=torch.bool).tril())
+    a2 = aligned_allowed(4, 2)
+    assert a2.shape == (3, 4 + 3) and a2[0].tolist() == [True, False, False, False, True, False, False]
+
+
+def test_aligned_loss_adds_weighted_step_terms(target):
+    """eagle_loss(align_steps=2, align_weight=w) = the one-step loss + w * the same terms over the
+    step-2 predictions at positions 1..T-1 (CE subset and its rescaling included)."""
+    draft = DraftHead.for_target(target, "fc", 1, seed=6).double()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    feats = target_features(target, ids)
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(3)) < 0.5
+    one, n1 = eagle_loss(draft, feats, ids, ce_mask=mask)
+    two, n2 = eagle_loss(draft, feats, ids, ce_mask=mask, align_steps=2, align_weight=0.7)
+    assert n1 == n2 == 16
+    pos = torch.arange(8)[None].expand(2, -1)
+    p2 = drafted_steps(draft, feats[:, :-1], ids[:, 1:], pos, 2)[1]
+    W = target.lm_head.weight
+    extra = 0.0
+    for b in range(2):
+        for i in range(1, 8):
+            d = p2[b, i - 1] - feats[b, i + 1]
+            extra += float(torch.where(d.abs() < 1, 0.5 * d ** 2, d.abs() - 0.5).mean())
+            if mask[b, i]:
+                p = torch.softmax(W @ feats[b, i + 1], -1)
+                extra += 0.1 * float(-(p * torch.log_softmax(W @ p2[b, i - 1], -1)).sum()) * 16 / int(mask.sum())
+    assert float(two) == pytest.approx(float(one) + 0.7 * extra, rel=1e-10)
 
 
 def test_ce_subset_is_the_rescaled_subset_sum(target):

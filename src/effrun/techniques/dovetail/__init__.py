@@ -69,6 +69,11 @@ class DovetailConfig:
     # self-distillation: the last N tokens of each training block are replaced by the target's own
     # greedy continuation of the rest (0: EAGLE's fixed-corpus training)
     self_distill_tokens: int = 0
+    # drafting steps trained as the tree drafts them (HASS's harmonized context alignment, an
+    # extension): step s >= 2 reads the head's own step s-1 feature; 1 = EAGLE's one-step loss.
+    # Steps >= 2 are weighted align_weight
+    align_steps: int = 1
+    align_weight: float = 1.0
     init_seed: int = 0
     # infer: the projection of the measured acceptance length to a big target on the host CPU with
     # the draft on a GPU (configs/model/<project_model>, configs/hardware/<project_hardware>: its
@@ -174,7 +179,10 @@ def validate_fields(node) -> None:
                         key="technique.draft_vocab")
     if int(node.draft_vocab) and int(node.top_k) > int(node.draft_vocab):
         raise UserError(f"top_k={node.top_k} exceeds draft_vocab={node.draft_vocab}", key="technique.top_k")
-    for k in ("reg_weight", "ce_weight", "feature_noise"):
+    if int(node.align_steps) < 1:
+        raise UserError(f"align_steps={node.align_steps}: must be >= 1 (1 = EAGLE's one-step loss)",
+                        key="technique.align_steps")
+    for k in ("reg_weight", "ce_weight", "feature_noise", "align_weight"):
         if float(getattr(node, k)) < 0:
             raise UserError(f"{k}={getattr(node, k)}: must be >= 0", key=f"technique.{k}")
     if not 0.0 < float(node.ce_fraction) <= 1.0:

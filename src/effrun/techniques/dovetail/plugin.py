@@ -120,7 +120,8 @@ class Dovetail(Technique):
     def loss(self, model, batch):
         c = self.cfg
         mod = self.train_module if self.train_module is not None else model
-        return mod.loss(batch, c.reg_weight, c.ce_weight, c.feature_noise, c.ce_fraction, c.self_distill_tokens)
+        return mod.loss(batch, c.reg_weight, c.ce_weight, c.feature_noise, c.ce_fraction, c.self_distill_tokens,
+                        int(c.align_steps), float(c.align_weight))
 
     # --- infer seams ----------------------------------------------------------------------------
     def decoding(self):

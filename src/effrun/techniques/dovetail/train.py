@@ -51,16 +51,62 @@ def ce_positions(valid: torch.Tensor, fraction: float, generator: torch.Generato
     return sel
 
 
+def aligned_allowed(T: int, step: int, device=None) -> torch.Tensor:
+    """bool [T-step+1, cached + T-step+1]: what drafting step `step` sees at queries
+    i = step-1..T-1, over the keys cached by steps 1..step-1 (T, T-1, ..., T-step+2 entries; step s
+    covers positions s-1..T-1) and its own. As at inference depth `step`, where the draft's context
+    is the verified prefix and its own earlier guesses on the path: query i sees step-1 keys j <= i-step+1
+    (true features), the step-s key at position i-step+s for s = 2..step-1 (its ancestors' guesses),
+    and itself. Step 1 is plain causal attention."""
+    blocks = []
+    q = torch.arange(step - 1, T, device=device)
+    for s in range(1, step + 1):
+        keys = torch.arange(s - 1, T, device=device)
+        if s == 1:
+            blocks.append(keys[None, :] <= (q - step + 1)[:, None])
+        else:
+            blocks.append(keys[None, :] == (q - step + s)[:, None])
+    return torch.cat(blocks, dim=1)
+
+
+def drafted_steps(draft: DraftHead, src: torch.Tensor, nxt: torch.Tensor, pos: torch.Tensor, steps: int = 1):
+    """[pred_1, ..., pred_steps]: step 1 is EAGLE's teacher-forced prediction at positions 0..T-1
+    (src: true features); step s >= 2 covers positions s-1..T-1 and reads, at position i, the
+    feature step s-1 predicted there (its output at i-1, detached). One KV cache holds every step's
+    keys; `aligned_allowed` says who sees whom."""
+    if steps <= 1:
+        return [draft(src, nxt, pos)]
+    from transformers import DynamicCache
+
+    from effrun.techniques.dovetail.tree import additive_mask
+
+    T = src.shape[1]
+    cache = DynamicCache()
+    preds = [draft(src, nxt, pos, additive_mask(aligned_allowed(T, 1, src.device), src.dtype), cache)]
+    for step in range(2, min(int(steps), T) + 1):
+        lo = step - 1
+        mask = additive_mask(aligned_allowed(T, step, src.device), src.dtype)
+        preds.append(draft(preds[-1][:, :-1].detach(), nxt[:, lo:], pos[:, lo:], mask, cache))
+    return preds
+
+
 def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor = None,
                reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
                generator: torch.Generator = None, target_probs: torch.Tensor = None,
-               ce_mask: torch.Tensor = None) -> Tuple[torch.Tensor, int]:
+               ce_mask: torch.Tensor = None, align_steps: int = 1,
+               align_weight: float = 1.0) -> Tuple[torch.Tensor, int]:
     """(loss_sum, count) of the draft on one batch given the target's features [B,T,H].
 
     `ce_mask` [B,T-1]: positions that get the cross-entropy term (default: all valid ones); the CE
     sum over them is scaled by valid/selected, an unbiased estimate of the all-position sum at a
     fraction of the lm_head cost (the vocabulary projection dominates training on CPU).
-    `target_probs`: `target_next_probs(draft, feats, ce_mask)` when several drafts share a batch."""
+    `target_probs`: `target_next_probs(draft, feats, ce_mask)` when several drafts share a batch.
+
+    `align_steps` > 1 adds drafting steps 2..align_steps as the tree drafts them (HASS's harmonized
+    context alignment): step s reads the feature step s-1 predicted (detached) for its position,
+    attends to the true-feature prefix and its own earlier guesses (`aligned_allowed`), and is
+    scored against the same targets, weighted `align_weight`. At inference depth >= 2 the draft only
+    ever reads its own features; EAGLE's one-step loss never trains it to."""
     B, T = input_ids.shape
     if T < 2:
         raise ValueError("EAGLE training needs blocks of at least 2 tokens")
@@ -71,19 +117,36 @@ def eagle_loss(draft: DraftHead, feats: torch.Tensor, input_ids: torch.Tensor, l
         noise = torch.rand(src.shape, generator=generator, dtype=src.dtype, device=src.device) - 0.5
         src = src + feature_noise * noise
     pos = torch.arange(T - 1, device=input_ids.device)[None].expand(B, -1)
-    pred = draft(src, nxt, pos)
+    preds = drafted_steps(draft, src, nxt, pos, align_steps)
+    pred = preds[0]
     acc = torch.promote_types(pred.dtype, torch.float32)  # the loss in >= fp32 even for bf16 training
     count = int(valid.sum())
-    total = pred.new_zeros((), dtype=acc)
-    if reg_weight:
-        reg = F.smooth_l1_loss(pred.to(acc), tgt.to(acc), reduction="none").mean(-1)
-        total = total + reg_weight * (reg * valid).sum()
+    sel = valid if ce_mask is None else (ce_mask & valid)
+    p_target = None
     if ce_weight:
-        sel = valid if ce_mask is None else (ce_mask & valid)
         p_target = target_next_probs(draft, feats, sel) if target_probs is None else target_probs
-        logq = F.log_softmax(draft.logits(pred[sel]).to(acc), dim=-1)
-        ce = -(p_target * logq).sum(-1)
-        total = total + ce_weight * ce.sum() * (count / max(1, int(sel.sum())))
+
+    def scored(pred, lo: int):
+        """The loss terms of predictions for positions lo..T-2 (their targets tgt[:, lo:])."""
+        out = pred.new_zeros((), dtype=acc)
+        v = valid[:, lo:]
+        if reg_weight:
+            reg = F.smooth_l1_loss(pred.to(acc), tgt[:, lo:].to(acc), reduction="none").mean(-1)
+            out = out + reg_weight * (reg * v).sum()
+        if ce_weight:
+            sub = sel[:, lo:] & v
+            # p_target rows are sel's True positions in order; keep those at columns >= lo
+            keep = torch.zeros_like(sel)
+            keep[:, lo:] = sub
+            pt = p_target[keep[sel]]
+            logq = F.log_softmax(draft.logits(pred[sub]).to(acc), dim=-1)
+            ce = -(pt * logq).sum(-1)
+            out = out + ce_weight * ce.sum() * (count / max(1, int(sel.sum())))
+        return out
+
+    total = scored(pred, 0)
+    for step, h in enumerate(preds[1:], start=2):
+        total = total + align_weight * scored(h, step - 1)
     return total, count
 
 
@@ -120,7 +183,8 @@ class DovetailTrainModule(nn.Module):
         return self
 
     def loss(self, batch: dict, reg_weight: float = 1.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
-             ce_fraction: float = 1.0, self_distill_tokens: int = 0):
+             ce_fraction: float = 1.0, self_distill_tokens: int = 0, align_steps: int = 1,
+             align_weight: float = 1.0):
         ids = self_distill(self.target, batch["input_ids"], self_distill_tokens)
         if self.training:
             self.draft.count_tokens(ids)
@@ -130,7 +194,8 @@ class DovetailTrainModule(nn.Module):
             valid = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
             mask = ce_positions(valid, ce_fraction)
         labels = None if self_distill_tokens else batch.get("labels")
-        return eagle_loss(self.draft, feats, ids, labels, reg_weight, ce_weight, feature_noise, ce_mask=mask)
+        return eagle_loss(self.draft, feats, ids, labels, reg_weight, ce_weight, feature_noise, ce_mask=mask,
+                          align_steps=align_steps, align_weight=align_weight)
 
     @torch.no_grad()
     def accuracy(self, batch: dict) -> Tuple[int, int]:
