@@ -211,7 +211,7 @@ spec = TechniqueSpec(
     modes=("train", "infer"), families=("causal-lm",), check=check, unsupported_run=unsupported_run,
     seams={"train": ("loss",), "infer": ("decoding",)},
     metrics={"train": TRAIN_KEYS, "infer": INFER_KEYS},
-    smoke_overrides={"train": ("technique.ce_fraction=0.5",),
+    smoke_overrides={"train": ("technique.ce_fraction=0.5", "technique.align_steps=2"),
                      "infer": ("technique.draft_path=random", "technique.total_tokens=4", "technique.depth=2",
                                "technique.top_k=2", "technique.draft_dtype=float32")},
     description="Dovetail: draft head (DGF) on the accelerator, target verifies a token tree on the CPU")
