@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
 import resource
 import sys
@@ -42,24 +41,15 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from effrun.errors import UserError  # noqa: E402
+from effrun.errors import UserError, one_line_argparse  # noqa: E402
 from effrun.techniques.dovetail import DovetailConfig, validate_fields  # noqa: E402
 
 CACHE = Path(os.environ.get("EFFRUN_CACHE", Path.home() / ".cache" / "effrun")) / "dovetail"
 
 
-def _one_line_errors(ap) -> None:
-    """argparse's own errors (bad choice, bad type) as one line naming the option, exit 2."""
-    def error(msg: str):
-        m = re.match(r"argument ([^:]+): (.*)", msg)
-        print(f"error: {m.group(1).split('/')[0]}: {m.group(2)}" if m else f"error: {msg}", file=sys.stderr)
-        raise SystemExit(2)
-    ap.error = error
-
-
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _one_line_errors(ap)
+    one_line_argparse(ap)
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "tiny"])
     # the drafts `effrun train +technique=dovetail` wrote (docs/techniques/dovetail.md: the commands);
     # a train run's directory works too

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
 import sys
 import time
@@ -31,24 +30,17 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from effrun.errors import one_line_argparse  # noqa: E402
+
 
 def _bad(key: str, msg: str) -> None:
     print(f"error: {key}: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _one_line_errors(ap) -> None:
-    """argparse's own errors (bad choice, bad type) as one line naming the option, exit 2."""
-    def error(msg: str):
-        m = re.match(r"argument ([^:]+): (.*)", msg)
-        print(f"error: {m.group(1).split('/')[0]}: {m.group(2)}" if m else f"error: {msg}", file=sys.stderr)
-        raise SystemExit(2)
-    ap.error = error
-
-
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _one_line_errors(ap)
+    one_line_argparse(ap)
     ap.add_argument("--out", required=True, help="jsonl file to write (refused if it exists, unless --overwrite)")
     ap.add_argument("--prompts", type=int, default=256, help="number of rows (prompts)")
     ap.add_argument("--prompt-tokens", type=int, default=64)

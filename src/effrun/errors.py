@@ -30,3 +30,16 @@ def check_choice(value, choices: Iterable, key: str) -> None:
     choices = list(choices)
     if value not in choices:
         raise UserError(f"unknown value {value!r}", key=key, choices=choices)
+
+
+def one_line_argparse(parser) -> None:
+    """A script's argparse errors (bad choice, bad type, missing option) as one line naming the
+    option, exit 2, like the CLI's (argparse prints usage + error otherwise)."""
+    import re
+    import sys
+
+    def error(msg: str):
+        m = re.match(r"argument ([^:]+): (.*)", msg)
+        print(f"error: {m.group(1).split('/')[0]}: {m.group(2)}" if m else f"error: {msg}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    parser.error = error
